@@ -1,0 +1,25 @@
+"""Exceptions raised by trainable-infra.
+
+Every error the library raises on purpose derives from `TrainableInfraError`, which is a `ValueError`
+because each is caused by a value the user passed (a config, an identifier, a class definition).
+"""
+
+
+class TrainableInfraError(ValueError):
+    """Base class of the library's own errors."""
+
+
+class QuantizationConfigError(TrainableInfraError):
+    """A configuration value is invalid (wrong type, out of range, inconsistent with another value)."""
+
+
+class QuantizerNotFoundError(TrainableInfraError, LookupError):
+    """No trainable quantizer class matches the requested target, method and identifier."""
+
+
+class AmbiguousQuantizerError(TrainableInfraError, LookupError):
+    """More than one trainable quantizer class matches the requested target, method and identifier."""
+
+
+class QuantizerDefinitionError(TrainableInfraError, TypeError):
+    """A trainable quantizer class is defined incorrectly (not decorated, bad `__init__` signature, ...)."""

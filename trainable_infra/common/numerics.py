@@ -1,0 +1,389 @@
+"""NumPy reference of the quantization maths (DESIGN.md §4): the oracle every backend is tested against.
+
+Notation: n = n_bits, s = 1 if signed else 0, K = 2^n - 1.
+
+- Symmetric: t = max(threshold, min_threshold); power-of-two: t = 2^ceil(log2(t)).
+  Δ = t / 2^(n-s); q_min = -s·2^(n-s); q_max = 2^(n-s) - 1; Q(x) = Δ·clip(round(x/Δ), q_min, q_max).
+- Uniform: the range [a, b] is moved to contain zero on the grid: a > 0 gives a' = 0, b' = b; b < 0 gives
+  a' = a, b' = 0; otherwise Δ = (b-a)/K, z = round(-a/Δ) (the zero point), a' = -z·Δ, b' = b - a + a'.
+  Then Δ = (b'-a')/K and Q(x) = Δ·clip(round((x-a')/Δ), 0, K) + a'.
+- Straight-through gradient: ∂Q/∂x = 1 for x in [Δ·q_min, Δ·q_max] (uniform: [a', b']), else 0.
+- LSQ (Esser et al., 2019): with u = x/Δ (uniform: (x-a')/Δ) and r = round(u), ∂Q/∂Δ is r - u inside the
+  range and the clipping level (q_min or q_max) outside; the threshold gradient is ∂Q/∂Δ / 2^(n-s).
+  Uniform ranges: inside, ∂Q/∂a = -(r-u)/K and ∂Q/∂b = (r-u)/K; below the range ∂Q/∂a = 1; above it
+  ∂Q/∂b = 1. Parameter gradients are scaled by g = 1/sqrt(N·q_max) (uniform: q_max = K), N being the
+  number of elements one parameter acts on, and pass through the clamps above only where the clamp is
+  inactive (threshold >= min_threshold, a <= 0, b >= 0); the power-of-two rounding of t passes straight
+  through.
+
+Rounding is a parameter: "half_even" is what torch's fake-quant kernels do, "half_up" is what TensorFlow's
+`fake_quant_with_min_max_vars*` ops (used by mct-quantizers' Keras quantizers) do. All maths runs in the
+floating dtype of `x`, as the backends do, so results are comparable bit for bit away from rounding ties.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from trainable_infra.common.errors import QuantizationConfigError
+
+Rounding = Literal["half_even", "half_up"]
+ROUNDING_MODES = ("half_even", "half_up")
+DEFAULT_MIN_THRESHOLD = 2.0**-16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def normalize_axis(axis: int, ndim: int, name: str = "channel_axis") -> int:
+    """Return `axis` as a non-negative index into a tensor of rank `ndim`, or raise."""
+    if not -ndim <= axis < ndim:
+        raise QuantizationConfigError(f"{name} {axis} is out of range for a tensor of rank {ndim}")
+    return axis % ndim
+
+
+def channel_vector(value: float | np.ndarray, shape: tuple[int, ...], axis: int, name: str) -> np.ndarray:
+    """Return a per-channel parameter as a 1-D float64 array of length `shape[axis]`.
+
+    Accepted forms: a scalar or a length-1 array (the same value for every channel), a 1-D array of length C,
+    or an array already shaped for broadcasting against `shape` with C along `axis` (MCT's form).
+    """
+    axis = normalize_axis(axis, len(shape))
+    channels = shape[axis]
+    array = np.asarray(value, dtype=np.float64)
+    if array.size == 1:
+        return np.full(channels, array.reshape(()), dtype=np.float64)
+    if array.ndim == 1 and array.size == channels:
+        return array.copy()
+    broadcast_form = [1] * len(shape)
+    broadcast_form[axis] = channels
+    if array.shape == tuple(broadcast_form) or (
+        array.ndim <= len(shape) and array.size == channels
+        and array.shape == tuple(broadcast_form[len(shape) - array.ndim:])
+    ):
+        return array.reshape(-1).copy()
+    raise QuantizationConfigError(
+        f"{name} has shape {array.shape}, which does not fit a tensor of shape {tuple(shape)} with channel axis "
+        f"{axis}: give one value, a 1-D array of length {channels}, or an array of shape {tuple(broadcast_form)}"
+    )
+
+
+def broadcast_shape(ndim: int, axis: int | None) -> tuple[int, ...]:
+    """The shape that makes a length-C vector broadcast along `axis` of a rank-`ndim` tensor."""
+    if axis is None:
+        return ()
+    shape = [1] * ndim
+    shape[normalize_axis(axis, ndim)] = -1
+    return tuple(shape)
+
+
+def _param(value: float | np.ndarray, x: np.ndarray, axis: int | None, name: str) -> np.ndarray:
+    """A parameter in x's dtype, shaped to broadcast against x (per-tensor when `axis` is None)."""
+    if axis is None:
+        array = np.asarray(value, dtype=np.float64)
+        if array.size != 1:
+            raise QuantizationConfigError(f"{name} must be a single value for per-tensor use, got {value!r}")
+        return array.reshape(()).astype(x.dtype)
+    return channel_vector(value, x.shape, axis, name).reshape(broadcast_shape(x.ndim, axis)).astype(x.dtype)
+
+
+def _as_float_array(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    return x if x.dtype.kind == "f" else x.astype(np.float64)
+
+
+def _reduce_to(grad: np.ndarray, like: float | np.ndarray, axis: int | None) -> np.ndarray:
+    """Sum a per-element parameter gradient to the shape the parameter was given in."""
+    target_shape = np.shape(like)
+    if axis is None:
+        return np.asarray(grad.sum(dtype=np.float64)).reshape(target_shape)
+    axis = normalize_axis(axis, grad.ndim)
+    reduce_axes = tuple(i for i in range(grad.ndim) if i != axis)
+    per_channel = grad.sum(axis=reduce_axes, dtype=np.float64)
+    if np.size(like) == 1:
+        return np.asarray(per_channel.sum()).reshape(target_shape)
+    return per_channel.reshape(target_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rounding and grids
+# ---------------------------------------------------------------------------------------------------------
+
+
+def round_values(x: np.ndarray, rounding: Rounding = "half_even") -> np.ndarray:
+    """Round to integers: ties to even ("half_even", torch) or ties up ("half_up", TensorFlow's fake-quant)."""
+    if rounding == "half_even":
+        return np.rint(x)
+    if rounding == "half_up":
+        return np.floor(x + x.dtype.type(0.5)) if isinstance(x, np.ndarray) else np.floor(x + 0.5)
+    raise QuantizationConfigError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+
+
+def symmetric_int_range(n_bits: int, signed: bool) -> tuple[int, int]:
+    """(q_min, q_max) of the symmetric integer grid."""
+    s = int(signed)
+    return -s * 2 ** (n_bits - s), 2 ** (n_bits - s) - 1
+
+
+def power_of_two_threshold(threshold: float | np.ndarray) -> np.ndarray:
+    """The smallest power of two >= `threshold`."""
+    return np.power(2.0, np.ceil(np.log2(np.asarray(threshold, dtype=np.float64))))
+
+
+def effective_threshold(
+    threshold: float | np.ndarray, min_threshold: float = DEFAULT_MIN_THRESHOLD, power_of_two: bool = False
+) -> np.ndarray:
+    """The threshold the grid uses: clamped below by `min_threshold`, rounded up to 2^k for power-of-two."""
+    t = np.maximum(np.asarray(threshold, dtype=np.float64), min_threshold)
+    return power_of_two_threshold(t) if power_of_two else t
+
+
+def adjust_range_to_include_zero(
+    range_min: float | np.ndarray, range_max: float | np.ndarray, n_bits: int, rounding: Rounding = "half_even"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Move [range_min, range_max] so that zero is a grid point, keeping its width where it straddles zero."""
+    a = np.asarray(range_min)
+    b = np.asarray(range_max)
+    dtype = np.result_type(a.dtype, b.dtype, np.float32)
+    a, b = a.astype(dtype), b.astype(dtype)
+    levels = dtype.type(2**n_bits - 1)
+    delta = (b - a) / levels
+    zero_point = round_values(-a / delta, rounding)
+    a_mid = -zero_point * delta
+    b_mid = b - a + a_mid
+    a_adj = np.where(a > 0, dtype.type(0), np.where(b < 0, a, a_mid))
+    b_adj = np.where(a > 0, b, np.where(b < 0, dtype.type(0), b_mid))
+    return a_adj, b_adj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _symmetric_grid(x, threshold, n_bits, signed, min_threshold, power_of_two, channel_axis):
+    t = _param(effective_threshold(threshold, min_threshold, power_of_two), x, channel_axis, "threshold")
+    q_min, q_max = symmetric_int_range(n_bits, signed)
+    delta = t / x.dtype.type(2 ** (n_bits - int(signed)))
+    return delta, q_min, q_max
+
+
+def fake_quant_symmetric(
+    x: np.ndarray,
+    threshold: float | np.ndarray,
+    n_bits: int,
+    signed: bool = True,
+    *,
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+    power_of_two: bool = False,
+    channel_axis: int | None = None,
+    rounding: Rounding = "half_even",
+) -> np.ndarray:
+    """Symmetric (or power-of-two) fake quantization, per-tensor or per-channel along `channel_axis`."""
+    x = _as_float_array(x)
+    delta, q_min, q_max = _symmetric_grid(x, threshold, n_bits, signed, min_threshold, power_of_two, channel_axis)
+    return delta * np.clip(round_values(x / delta, rounding), q_min, q_max)
+
+
+def _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding):
+    a = _param(range_min, x, channel_axis, "range_min")
+    b = _param(range_max, x, channel_axis, "range_max")
+    a_adj, b_adj = adjust_range_to_include_zero(a, b, n_bits, rounding)
+    a_adj, b_adj = a_adj.astype(x.dtype), b_adj.astype(x.dtype)
+    levels = 2**n_bits - 1
+    delta = (b_adj - a_adj) / x.dtype.type(levels)
+    return a_adj, b_adj, delta, levels
+
+
+def fake_quant_uniform(
+    x: np.ndarray,
+    range_min: float | np.ndarray,
+    range_max: float | np.ndarray,
+    n_bits: int,
+    *,
+    channel_axis: int | None = None,
+    rounding: Rounding = "half_even",
+) -> np.ndarray:
+    """Uniform (affine) fake quantization on the range adjusted to include zero."""
+    x = _as_float_array(x)
+    a_adj, _, delta, levels = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
+    return delta * np.clip(round_values((x - a_adj) / delta, rounding), 0, levels) + a_adj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradients
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ste_mask_symmetric(
+    x: np.ndarray,
+    threshold: float | np.ndarray,
+    n_bits: int,
+    signed: bool = True,
+    *,
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+    power_of_two: bool = False,
+    channel_axis: int | None = None,
+) -> np.ndarray:
+    """∂Q/∂x of the straight-through estimator: True where x lies in [Δ·q_min, Δ·q_max]."""
+    x = _as_float_array(x)
+    delta, q_min, q_max = _symmetric_grid(x, threshold, n_bits, signed, min_threshold, power_of_two, channel_axis)
+    return (x >= delta * q_min) & (x <= delta * q_max)
+
+
+def ste_mask_uniform(
+    x: np.ndarray,
+    range_min: float | np.ndarray,
+    range_max: float | np.ndarray,
+    n_bits: int,
+    *,
+    channel_axis: int | None = None,
+    rounding: Rounding = "half_even",
+) -> np.ndarray:
+    """∂Q/∂x of the straight-through estimator: True where x lies in the adjusted range [a', b']."""
+    x = _as_float_array(x)
+    a_adj, b_adj, _, _ = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
+    return (x >= a_adj) & (x <= b_adj)
+
+
+def lsq_grad_scale(num_elements: int, q_max: int) -> float:
+    """LSQ's gradient scale g = 1/sqrt(N·q_max)."""
+    return 1.0 / float(np.sqrt(num_elements * q_max))
+
+
+def lsq_grads_symmetric(
+    x: np.ndarray,
+    grad_output: np.ndarray,
+    threshold: float | np.ndarray,
+    n_bits: int,
+    signed: bool = True,
+    *,
+    num_elements: int,
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+    power_of_two: bool = False,
+    channel_axis: int | None = None,
+    rounding: Rounding = "half_even",
+) -> dict[str, np.ndarray]:
+    """Gradients of sum(grad_output·Q(x)) for LSQ with a learnable threshold.
+
+    Returns a dict with "input" (shape of x) and "threshold" (shape of `threshold` as given).
+    `num_elements` is N in g = 1/sqrt(N·q_max).
+    """
+    x = _as_float_array(x)
+    grad_output = np.asarray(grad_output, dtype=x.dtype)
+    delta, q_min, q_max = _symmetric_grid(x, threshold, n_bits, signed, min_threshold, power_of_two, channel_axis)
+    u = x / delta
+    below, above = x < delta * q_min, x > delta * q_max
+    inside = ~below & ~above
+    d_delta = np.where(below, q_min, np.where(above, q_max, round_values(u, rounding) - u))
+    scale = lsq_grad_scale(num_elements, q_max) / 2 ** (n_bits - int(signed))
+    d_threshold = _reduce_to(grad_output.astype(np.float64) * d_delta * scale, threshold, channel_axis)
+    active = np.asarray(threshold, dtype=np.float64) >= min_threshold
+    return {"input": grad_output * inside, "threshold": d_threshold * active}
+
+
+def lsq_grads_uniform(
+    x: np.ndarray,
+    grad_output: np.ndarray,
+    range_min: float | np.ndarray,
+    range_max: float | np.ndarray,
+    n_bits: int,
+    *,
+    num_elements: int,
+    channel_axis: int | None = None,
+    rounding: Rounding = "half_even",
+) -> dict[str, np.ndarray]:
+    """Gradients of sum(grad_output·Q(x)) for LSQ with learnable range_min / range_max.
+
+    Returns a dict with "input", "range_min" and "range_max" (each parameter in the shape it was given).
+    """
+    x = _as_float_array(x)
+    grad_output = np.asarray(grad_output, dtype=x.dtype).astype(np.float64)
+    a_adj, b_adj, delta, levels = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
+    u = (x - a_adj) / delta
+    below, above = x < a_adj, x > b_adj
+    inside = ~below & ~above
+    rounding_error = np.where(inside, round_values(u, rounding) - u, 0).astype(np.float64)
+    g = lsq_grad_scale(num_elements, levels)
+    d_min = grad_output * (np.where(below, 1.0, 0.0) - rounding_error / levels) * g
+    d_max = grad_output * (np.where(above, 1.0, 0.0) + rounding_error / levels) * g
+    return {
+        "input": (grad_output * inside).astype(x.dtype),
+        "range_min": _reduce_to(d_min, range_min, channel_axis) * (np.asarray(range_min) <= 0),
+        "range_max": _reduce_to(d_max, range_max, channel_axis) * (np.asarray(range_max) >= 0),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Initial parameters
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _reduce_axes(x: np.ndarray, channel_axis: int | None) -> tuple[int, ...] | None:
+    if channel_axis is None:
+        return None
+    axis = normalize_axis(channel_axis, x.ndim)
+    return tuple(i for i in range(x.ndim) if i != axis)
+
+
+def max_abs_threshold(
+    x: np.ndarray, channel_axis: int | None = None, min_threshold: float = DEFAULT_MIN_THRESHOLD
+) -> np.ndarray:
+    """max |x| per channel (or over the tensor), at least `min_threshold`."""
+    x = _as_float_array(x)
+    return np.maximum(np.abs(x).max(axis=_reduce_axes(x, channel_axis)).astype(np.float64), min_threshold)
+
+
+def min_max_range(x: np.ndarray, channel_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) per channel (or over the tensor), widened where min == max so that min < max."""
+    x = _as_float_array(x)
+    axes = _reduce_axes(x, channel_axis)
+    low = x.min(axis=axes).astype(np.float64)
+    high = x.max(axis=axes).astype(np.float64)
+    flat = high <= low
+    width = np.maximum(np.abs(low), 1.0) * 1e-3
+    return np.where(flat, low - width, low), np.where(flat, high + width, high)
+
+
+def mse_threshold(
+    x: np.ndarray,
+    n_bits: int,
+    signed: bool = True,
+    *,
+    channel_axis: int | None = None,
+    power_of_two: bool = False,
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+    rounding: Rounding = "half_even",
+    num_candidates: int = 100,
+) -> np.ndarray:
+    """The threshold (per channel or per tensor) minimising the mean squared quantization error.
+
+    Candidates are fractions of max |x| from 1/num_candidates to 1 (symmetric), or the powers of two from
+    2^-8 to 1 times the power of two covering max |x| (power-of-two).
+    """
+    x = _as_float_array(x)
+    axes = _reduce_axes(x, channel_axis)
+    max_abs = max_abs_threshold(x, channel_axis, min_threshold)
+    if power_of_two:
+        top = power_of_two_threshold(max_abs)
+        scales = 2.0 ** -np.arange(9)
+    else:
+        top = max_abs
+        scales = np.linspace(1.0, 1.0 / num_candidates, num_candidates)
+    best = top.copy()
+    best_err = np.full(np.shape(top), np.inf)
+    for scale in scales:
+        candidate = np.maximum(top * scale, min_threshold)
+        q = fake_quant_symmetric(
+            x, candidate, n_bits, signed, min_threshold=min_threshold, power_of_two=power_of_two,
+            channel_axis=channel_axis, rounding=rounding,
+        )
+        err = np.mean((q.astype(np.float64) - x) ** 2, axis=axes)
+        better = err < best_err
+        best = np.where(better, candidate, best)
+        best_err = np.where(better, err, best_err)
+    return best

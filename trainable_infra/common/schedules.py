@@ -1,0 +1,70 @@
+"""Schedules of a value over training steps (pure Python, used by both backends)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from trainable_infra.common.errors import QuantizationConfigError
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise QuantizationConfigError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class LinearAnnealing:
+    """A value that moves linearly from `initial_value` at step `t_start` to `target_value` at `t_end`.
+
+    Before `t_start` it is `initial_value`, after `t_end` it is `target_value`.
+
+    Example:
+        >>> schedule = LinearAnnealing(t_start=0, t_end=100, initial_value=1.0, target_value=0.0)
+        >>> schedule(25)
+        0.75
+    """
+
+    def __init__(self, t_start: int, t_end: int, initial_value: float, target_value: float):
+        for name, value in (("t_start", t_start), ("t_end", t_end)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise QuantizationConfigError(f"{name} must be an int >= 0, got {value!r}")
+        if t_end <= t_start:
+            raise QuantizationConfigError(f"t_end must be greater than t_start ({t_start}), got {t_end!r}")
+        self.t_start = t_start
+        self.t_end = t_end
+        self.initial_value = _real("initial_value", initial_value)
+        self.target_value = _real("target_value", target_value)
+
+    def fraction(self, step: float) -> float:
+        """How far along the schedule `step` is, in [0, 1]."""
+        return min(max((step - self.t_start) / (self.t_end - self.t_start), 0.0), 1.0)
+
+    def __call__(self, step: float) -> float:
+        """The value at `step`."""
+        return self.initial_value + self.fraction(step) * (self.target_value - self.initial_value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable description that `from_dict` inverts."""
+        return {
+            "t_start": self.t_start,
+            "t_end": self.t_end,
+            "initial_value": self.initial_value,
+            "target_value": self.target_value,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LinearAnnealing:
+        """Build a schedule from a dict made by `to_dict`."""
+        if not isinstance(d, dict) or set(d) != {"t_start", "t_end", "initial_value", "target_value"}:
+            raise QuantizationConfigError(
+                f"LinearAnnealing.from_dict expects keys t_start, t_end, initial_value, target_value; got {d!r}"
+            )
+        return cls(**d)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LinearAnnealing) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"LinearAnnealing({args})"
