@@ -12,7 +12,8 @@ Notation: n = n_bits, s = 1 if signed else 0, K = 2^n - 1.
   range and the clipping level (q_min or q_max) outside; the threshold gradient is ∂Q/∂Δ / 2^(n-s).
   Uniform ranges: inside, ∂Q/∂a = -(r-u)/K and ∂Q/∂b = (r-u)/K; below the range ∂Q/∂a = 1; above it
   ∂Q/∂b = 1. Parameter gradients are scaled by g = 1/sqrt(N·q_max) (uniform: q_max = K), N being the
-  number of elements one parameter acts on, and pass through the clamps above only where the clamp is
+  number of elements one parameter acts on (weights: per channel or per tensor; activations: the features
+  of one sample, the paper's N_F), and pass through the clamps above only where the clamp is
   inactive (threshold >= min_threshold, a <= 0, b >= 0); the power-of-two rounding of t passes straight
   through.
 
@@ -253,6 +254,17 @@ def ste_mask_uniform(
 def lsq_grad_scale(num_elements: int, q_max: int) -> float:
     """LSQ's gradient scale g = 1/sqrt(N·q_max)."""
     return 1.0 / float(np.sqrt(num_elements * q_max))
+
+
+def lsq_num_elements_weights(shape: tuple[int, ...], channel_axis: int | None) -> int:
+    """N of LSQ for a weight: the elements one threshold acts on (per channel, or the whole tensor)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    return size if channel_axis is None else size // int(shape[normalize_axis(channel_axis, len(shape))])
+
+
+def lsq_num_elements_activations(shape: tuple[int, ...]) -> int:
+    """N of LSQ for an activation: the features of one sample (the paper's N_F), i.e. all but the batch axis."""
+    return int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
 
 
 def lsq_grads_symmetric(
