@@ -4,9 +4,11 @@ Notation: n = n_bits, s = 1 if signed else 0, K = 2^n - 1.
 
 - Symmetric: t = max(threshold, min_threshold); power-of-two: t = 2^ceil(log2(t)).
   Δ = t / 2^(n-s); q_min = -s·2^(n-s); q_max = 2^(n-s) - 1; Q(x) = Δ·clip(round(x/Δ), q_min, q_max).
-- Uniform: the range [a, b] is moved to contain zero on the grid: a > 0 gives a' = 0, b' = b; b < 0 gives
-  a' = a, b' = 0; otherwise Δ = (b-a)/K, z = round(-a/Δ) (the zero point), a' = -z·Δ, b' = b - a + a'.
-  Then Δ = (b'-a')/K and Q(x) = Δ·clip(round((x-a')/Δ), 0, K) + a'.
+- Uniform: the range [a, b] is widened to contain zero (a_c = min(a, 0), b_c = max(b, 0)), then zero is put
+  on the grid through the zero point: Δ = (b_c - a_c)/K, z = round(-a_c/Δ), a' = -z·Δ, b' = (K - z)·Δ
+  (for a < 0 < b this is DESIGN.md's a' = Δ·round(a/Δ), b' = b - a + a'). Q(x) = (clip(round(x/Δ + z), 0, K) - z)·Δ,
+  which is Δ·clip(round((x-a')/Δ), 0, K) + a' written so that zero is exact in floating point, as in torch's
+  fake-quant kernels and TensorFlow's nudged range.
 - Straight-through gradient: ∂Q/∂x = 1 for x in [Δ·q_min, Δ·q_max] (uniform: [a', b']), else 0.
 - LSQ (Esser et al., 2019): with u = x/Δ (uniform: (x-a')/Δ) and r = round(u), ∂Q/∂Δ is r - u inside the
   range and the clipping level (q_min or q_max) outside; the threshold gradient is ∂Q/∂Δ / 2^(n-s).
@@ -143,22 +145,27 @@ def effective_threshold(
     return power_of_two_threshold(t) if power_of_two else t
 
 
-def adjust_range_to_include_zero(
+def uniform_grid(
     range_min: float | np.ndarray, range_max: float | np.ndarray, n_bits: int, rounding: Rounding = "half_even"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Move [range_min, range_max] so that zero is a grid point, keeping its width where it straddles zero."""
+    """(Δ, z): the step and the integer zero point of the uniform grid on [range_min, range_max] widened to 0."""
     a = np.asarray(range_min)
     b = np.asarray(range_max)
     dtype = np.result_type(a.dtype, b.dtype, np.float32)
-    a, b = a.astype(dtype), b.astype(dtype)
-    levels = dtype.type(2**n_bits - 1)
-    delta = (b - a) / levels
-    zero_point = round_values(-a / delta, rounding)
-    a_mid = -zero_point * delta
-    b_mid = b - a + a_mid
-    a_adj = np.where(a > 0, dtype.type(0), np.where(b < 0, a, a_mid))
-    b_adj = np.where(a > 0, b, np.where(b < 0, dtype.type(0), b_mid))
-    return a_adj, b_adj
+    zero = dtype.type(0)
+    a_c, b_c = np.minimum(a.astype(dtype), zero), np.maximum(b.astype(dtype), zero)
+    levels = 2**n_bits - 1
+    delta = (b_c - a_c) / dtype.type(levels)
+    zero_point = np.clip(round_values(-a_c / delta, rounding), 0, levels)
+    return delta, zero_point
+
+
+def adjust_range_to_include_zero(
+    range_min: float | np.ndarray, range_max: float | np.ndarray, n_bits: int, rounding: Rounding = "half_even"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(a', b'): the range moved so that zero is a grid point, keeping its width where it straddles zero."""
+    delta, zero_point = uniform_grid(range_min, range_max, n_bits, rounding)
+    return -zero_point * delta, (2**n_bits - 1 - zero_point) * delta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,11 +200,10 @@ def fake_quant_symmetric(
 def _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding):
     a = _param(range_min, x, channel_axis, "range_min")
     b = _param(range_max, x, channel_axis, "range_max")
-    a_adj, b_adj = adjust_range_to_include_zero(a, b, n_bits, rounding)
-    a_adj, b_adj = a_adj.astype(x.dtype), b_adj.astype(x.dtype)
+    delta, zero_point = uniform_grid(a, b, n_bits, rounding)
+    delta, zero_point = delta.astype(x.dtype), zero_point.astype(x.dtype)
     levels = 2**n_bits - 1
-    delta = (b_adj - a_adj) / x.dtype.type(levels)
-    return a_adj, b_adj, delta, levels
+    return delta, zero_point, -zero_point * delta, (levels - zero_point) * delta, levels
 
 
 def fake_quant_uniform(
@@ -211,8 +217,8 @@ def fake_quant_uniform(
 ) -> np.ndarray:
     """Uniform (affine) fake quantization on the range adjusted to include zero."""
     x = _as_float_array(x)
-    a_adj, _, delta, levels = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
-    return delta * np.clip(round_values((x - a_adj) / delta, rounding), 0, levels) + a_adj
+    delta, zero_point, _, _, levels = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
+    return (np.clip(round_values(x / delta + zero_point, rounding), 0, levels) - zero_point) * delta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,7 +253,7 @@ def ste_mask_uniform(
 ) -> np.ndarray:
     """∂Q/∂x of the straight-through estimator: True where x lies in the adjusted range [a', b']."""
     x = _as_float_array(x)
-    a_adj, b_adj, _, _ = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
+    _, _, a_adj, b_adj, _ = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
     return (x >= a_adj) & (x <= b_adj)
 
 
@@ -315,8 +321,8 @@ def lsq_grads_uniform(
     """
     x = _as_float_array(x)
     grad_output = np.asarray(grad_output, dtype=x.dtype).astype(np.float64)
-    a_adj, b_adj, delta, levels = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
-    u = (x - a_adj) / delta
+    delta, zero_point, a_adj, b_adj, levels = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
+    u = x / delta + zero_point
     below, above = x < a_adj, x > b_adj
     inside = ~below & ~above
     rounding_error = np.where(inside, round_values(u, rounding) - u, 0).astype(np.float64)
