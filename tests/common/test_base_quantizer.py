@@ -136,7 +136,8 @@ def test_config_method_not_declared_is_refused():
         weights_quantization_method=QuantizationMethod.UNIFORM,
         weights_quantization_params={"range_min": -1.0, "range_max": 1.0},
     )
-    with pytest.raises(QuantizationConfigError, match="supports quantization methods SYMMETRIC, POWER_OF_TWO, got UNIFORM"):
+    message = "supports quantization methods SYMMETRIC, POWER_OF_TWO, got UNIFORM"
+    with pytest.raises(QuantizationConfigError, match=message):
         NumpySTEWeightQuantizer(config)
 
 
@@ -184,9 +185,11 @@ def test_unknown_variable_and_bad_registration_raise_library_errors():
 
 def test_target_queries():
     weights = NumpySTEWeightQuantizer(weights_config())
-    assert weights.weights_quantization() and not weights.activation_quantization()
+    assert weights.weights_quantization()
+    assert not weights.activation_quantization()
     activations = NumpyPACTActivationQuantizer(uniform_activation_config(enable_activation_quantization=False))
-    assert not activations.activation_quantization() and not activations.weights_quantization()
+    assert not activations.activation_quantization()
+    assert not activations.weights_quantization()
 
 
 def test_get_config_is_json_and_from_config_rebuilds_an_equal_quantizer():
@@ -223,7 +226,8 @@ def test_quantizer_works_end_to_end_and_deepcopies():
     quantizer.initialize_quantization((3, 2), "kernel", layer)
     x = np.array([[0.3, -5.0], [0.26, 0.9], [1.3, 7.0]], dtype=np.float32)
     out = quantizer(x, training=True)
-    assert out.shape == x.shape and np.all(np.abs(out) <= np.array([[0.5], [1.0], [2.0]]))
+    assert out.shape == x.shape
+    assert np.all(np.abs(out) <= np.array([[0.5], [1.0], [2.0]]))
     clone = copy.deepcopy(quantizer)
     assert clone.get_config() == quantizer.get_config()
     assert TrainingMethod.STE is type(quantizer).identifier

@@ -20,27 +20,27 @@ SYM = QuantizationMethod.SYMMETRIC
 
 
 def weights_config(**overrides):
-    kwargs = dict(
-        weights_quantization_method=SYM,
-        weights_n_bits=8,
-        weights_quantization_params={"threshold": np.array([0.5, 1.0, 2.0])},
-        enable_weights_quantization=True,
-        weights_channels_axis=0,
-        weights_per_channel_threshold=True,
-        min_threshold=1e-8,
-    )
+    kwargs = {
+        "weights_quantization_method": SYM,
+        "weights_n_bits": 8,
+        "weights_quantization_params": {"threshold": np.array([0.5, 1.0, 2.0])},
+        "enable_weights_quantization": True,
+        "weights_channels_axis": 0,
+        "weights_per_channel_threshold": True,
+        "min_threshold": 1e-8,
+    }
     kwargs.update(overrides)
     return TrainableQuantizerWeightsConfig(**kwargs)
 
 
 def activation_config(**overrides):
-    kwargs = dict(
-        activation_quantization_method=SYM,
-        activation_n_bits=8,
-        activation_quantization_params={"threshold": 4.0, "is_signed": False},
-        enable_activation_quantization=True,
-        min_threshold=1e-8,
-    )
+    kwargs = {
+        "activation_quantization_method": SYM,
+        "activation_n_bits": 8,
+        "activation_quantization_params": {"threshold": 4.0, "is_signed": False},
+        "enable_activation_quantization": True,
+        "min_threshold": 1e-8,
+    }
     kwargs.update(overrides)
     return TrainableQuantizerActivationConfig(**kwargs)
 
@@ -115,7 +115,7 @@ def test_activation_config_rejects_bad_value_naming_it(field, value, message):
 
 
 def test_candidate_config_validates_its_fields():
-    with pytest.raises(QuantizationConfigError, match="n_bits must be an int in 2..16, got 20"):
+    with pytest.raises(QuantizationConfigError, match=r"n_bits must be an int in 2\.\.16, got 20"):
         TrainableQuantizerCandidateConfig(20, {"threshold": 1.0})
     with pytest.raises(QuantizationConfigError, match="quantization_params must be a dict"):
         TrainableQuantizerCandidateConfig(4, 1.0)
@@ -229,7 +229,11 @@ FROM_DICT_BAD = [
     ("missing key", {"kind": "activation", "activation_n_bits": 8}, "missing keys"),
     ("method name", {**activation_config().to_dict(), "activation_quantization_method": "LSQ"}, "'LSQ'"),
     ("candidates not list", {**weights_config().to_dict(), "weights_quantization_candidates": 3}, "candidate"),
-    ("nested junk", {**weights_config().to_dict(), "weights_quantization_params": {"threshold": [[1], 2]}}, "rectangular"),
+    (
+        "nested junk",
+        {**weights_config().to_dict(), "weights_quantization_params": {"threshold": [[1], 2]}},
+        "rectangular",
+    ),
 ]
 
 

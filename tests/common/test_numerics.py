@@ -221,13 +221,15 @@ def test_symmetric_properties(x, t, n, signed, pot, rounding):
     q_min, q_max = nm.symmetric_int_range(n, signed)
     steps = np.round(q / delta)
     np.testing.assert_array_equal(q, delta * steps)  # on the grid
-    assert steps.min() >= q_min and steps.max() <= q_max
+    assert steps.min() >= q_min
+    assert steps.max() <= q_max
     assert len(np.unique(q)) <= 2**n
     np.testing.assert_array_equal(nm.fake_quant_symmetric(q, t, n, signed, power_of_two=pot, rounding=rounding), q)
     order = np.argsort(x.ravel(), kind="stable")
     assert np.all(np.diff(q.ravel()[order]) >= 0)  # monotone
     if pot:
-        assert t_eff == 2.0 ** round(np.log2(t_eff)) and t_eff >= t
+        assert t_eff == 2.0 ** round(np.log2(t_eff))
+        assert t_eff >= t
 
 
 @settings(max_examples=200, deadline=None)
@@ -243,4 +245,5 @@ def test_uniform_properties(x, a, width, n, rounding):
     order = np.argsort(x.ravel(), kind="stable")
     assert np.all(np.diff(q.ravel()[order]) >= 0)
     tol = 1e-5 * max(abs(a_adj), abs(b_adj))
-    assert q.min() >= a_adj - tol and q.max() <= b_adj + tol
+    assert q.min() >= a_adj - tol
+    assert q.max() <= b_adj + tol
