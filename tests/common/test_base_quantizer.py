@@ -231,3 +231,17 @@ def test_quantizer_works_end_to_end_and_deepcopies():
     clone = copy.deepcopy(quantizer)
     assert clone.get_config() == quantizer.get_config()
     assert TrainingMethod.STE is type(quantizer).identifier
+
+
+def test_class_marked_for_the_other_target_than_its_base_is_refused():
+    class WeightsOnlyBase(BaseNumpyTrainableQuantizer):
+        base_quantization_target = QuantizationTarget.Weights
+
+    marker = mark_quantizer(QuantizationTarget.Activation, [QuantizationMethod.SYMMETRIC], "x")
+    cls = marker(type("Mismarked", (WeightsOnlyBase,), {
+        "initialize_quantization": lambda self, shape, name, layer: None,
+        "__call__": lambda self, inputs, training: inputs,
+        "convert2inferable": lambda self: None,
+    }))
+    with pytest.raises(QuantizerDefinitionError, match="derives from a base for Weights quantizers"):
+        cls(activation_config())

@@ -57,6 +57,12 @@ def check_quantizer_class(cls: type) -> None:
             f"{name}: mark_quantizer's quantization_method must be a non-empty list of QuantizationMethod, "
             f"got {methods!r}"
         )
+    expected_target = getattr(cls, "base_quantization_target", None)
+    if expected_target is not None and cls.quantization_target is not expected_target:
+        raise QuantizerDefinitionError(
+            f"{name} derives from a base for {expected_target.value} quantizers but is marked with "
+            f"quantization_target={cls.quantization_target!r}"
+        )
     if cls.identifier is None:
         raise QuantizerDefinitionError(
             f"{name}: mark_quantizer's identifier must be a TrainingMethod, an enum member or a string, got None"
@@ -98,6 +104,8 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
             returned by `get_trainable_variables` and so are not trained.
     """
 
+    # Set by a backend's weight / activation base class: its subclasses must be marked for that target.
+    base_quantization_target: ClassVar[QuantizationTarget | None] = None
     # Classes whose definition was checked; the checks run once per class, not per instance.
     _checked_classes: ClassVar[set[type]] = set()
 
