@@ -14,4 +14,45 @@ if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover
         "pip install 'trainable-infra[keras]'"
     )
 
-__all__: list[str] = []
+from trainable_infra.keras_backend.base_quantizer import (
+    BaseKerasActivationTrainableQuantizer,
+    BaseKerasTrainableQuantizer,
+    BaseKerasWeightTrainableQuantizer,
+)
+from trainable_infra.keras_backend.convert import convert_to_inferable
+from trainable_infra.keras_backend.inferable_wrappers import (
+    KerasInferableActivationQuantizationHolder,
+    KerasInferableQuantizationWrapper,
+)
+from trainable_infra.keras_backend.load import keras_load_quantized_model
+from trainable_infra.keras_backend.quantizers import (
+    LSQSymmetricActivationQuantizer,
+    LSQSymmetricWeightQuantizer,
+    LSQUniformActivationQuantizer,
+    LSQUniformWeightQuantizer,
+    STESymmetricActivationQuantizer,
+    STESymmetricWeightQuantizer,
+    STEUniformActivationQuantizer,
+    STEUniformWeightQuantizer,
+)
+from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHolder, KerasTrainableQuantizationWrapper
+
+__all__ = [
+    "BaseKerasActivationTrainableQuantizer",
+    "BaseKerasTrainableQuantizer",
+    "BaseKerasWeightTrainableQuantizer",
+    "KerasActivationQuantizationHolder",
+    "KerasInferableActivationQuantizationHolder",
+    "KerasInferableQuantizationWrapper",
+    "KerasTrainableQuantizationWrapper",
+    "LSQSymmetricActivationQuantizer",
+    "LSQSymmetricWeightQuantizer",
+    "LSQUniformActivationQuantizer",
+    "LSQUniformWeightQuantizer",
+    "STESymmetricActivationQuantizer",
+    "STESymmetricWeightQuantizer",
+    "STEUniformActivationQuantizer",
+    "STEUniformWeightQuantizer",
+    "convert_to_inferable",
+    "keras_load_quantized_model",
+]

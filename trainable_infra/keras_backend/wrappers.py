@@ -1,0 +1,231 @@
+"""Keras 3 layers that put trainable quantizers into a model: a weights wrapper and an activation holder."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.mct import QuantizationTarget
+from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
+
+PACKAGE = "trainable_infra"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A variable of the wrapped layer and what replaces it in the forward pass.
+
+    A plain object on purpose: Keras' attribute tracking would adopt a variable held in a list or tuple as one
+    of the wrapper's own, saving it twice.
+    """
+
+    name: str
+    variable: keras.Variable
+    quantizer: Callable[[Any, bool], Any]
+
+
+def layer_variable(layer: keras.layers.Layer, name: str, argument: str) -> keras.Variable:
+    """The variable `layer.<name>`, or a `QuantizationConfigError` naming what the layer has."""
+    variable = getattr(layer, name, None)
+    if not isinstance(variable, keras.Variable):
+        available = sorted(v.name for v in layer.weights)
+        found = "no such attribute" if variable is None else f"a {type(variable).__name__}, not a variable"
+        raise QuantizationConfigError(
+            f"{argument} names {name!r}, but {type(layer).__name__} layer {layer.name!r} has {found}; "
+            f"its variables are {available}"
+        )
+    return variable
+
+
+def call_with_weights(
+    layer: keras.layers.Layer, substitutes: list[tuple[keras.Variable, Any]], args: tuple, kwargs: dict
+) -> tuple[Any, list[Any]]:
+    """Run `layer(*args, **kwargs)` with each substituted variable read as its given value.
+
+    The layer's own `call` runs unchanged inside a `keras.StatelessScope`. Its other variables are mapped to
+    their current values too, so that an enclosing stateless scope (e.g. `model.stateless_call`) still
+    decides what they read; updates the layer makes (e.g. batch-norm statistics) are applied after the scope.
+    Returns the outputs and the losses the layer added (activity regularization).
+    """
+    replaced = {id(variable) for variable, _ in substitutes}
+    current = [(v, tf.convert_to_tensor(v)) for v in layer.variables if id(v) not in replaced]
+    with keras.StatelessScope(state_mapping=substitutes + current, collect_losses=True) as scope:
+        outputs = layer(*args, **kwargs)
+    for variable, value in current:
+        updated = scope.get_current_value(variable)
+        if updated is not value:
+            variable.assign(updated)
+    return outputs, scope.losses
+
+
+def check_weights_quantizers(weights_quantizers: Any, base: type, what: str) -> dict[str, Any]:
+    """Return `weights_quantizers` as a dict if it maps attribute names to distinct weights quantizers of `base`."""
+    if not isinstance(weights_quantizers, Mapping):
+        raise QuantizationConfigError(
+            f"weights_quantizers must be a dict of attribute name -> {what}, got {weights_quantizers!r}"
+        )
+    seen: dict[int, str] = {}
+    for name, quantizer in weights_quantizers.items():
+        if not isinstance(name, str) or not name:
+            raise QuantizationConfigError(
+                f"weights_quantizers keys must be attribute names of the layer (e.g. 'kernel'), got {name!r}"
+            )
+        if not isinstance(quantizer, base):
+            raise QuantizationConfigError(
+                f"weights_quantizers[{name!r}] must be a {what}, got {quantizer!r} of type {type(quantizer).__name__}"
+            )
+        if getattr(quantizer, "quantization_target", QuantizationTarget.Weights) is not QuantizationTarget.Weights:
+            raise QuantizationConfigError(
+                f"weights_quantizers[{name!r}] quantizes {quantizer.quantization_target.value}, not Weights: "
+                f"{type(quantizer).__name__}"
+            )
+        if id(quantizer) in seen:
+            raise QuantizationConfigError(
+                f"weights_quantizers[{name!r}] is the same quantizer object as "
+                f"weights_quantizers[{seen[id(quantizer)]!r}]; each weight needs its own quantizer instance"
+            )
+        seen[id(quantizer)] = name
+    return dict(weights_quantizers)
+
+
+def check_layer(layer: Any) -> keras.layers.Layer:
+    """Return `layer` if it is a Keras 3 layer, else raise `QuantizationConfigError`."""
+    if not isinstance(layer, keras.layers.Layer):
+        raise QuantizationConfigError(f"layer must be a Keras 3 layer, got {layer!r} of type {type(layer).__name__}")
+    return layer
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class KerasTrainableQuantizationWrapper(keras.layers.Layer):
+    """Runs a layer with its weights fake-quantized by trainable quantizers.
+
+    The layer's own `call` runs with each quantized variable substituted by its quantized value; gradients reach
+    both the float variable and the quantizer's parameters. Works in Sequential and Functional models, eagerly
+    and under `model.fit`, and saves to `.keras`.
+
+    Args:
+        layer: the Keras layer to wrap (built or not).
+        weights_quantizers: attribute name of a layer variable (e.g. "kernel", "depthwise_kernel") -> a
+            weights quantizer (a `BaseKerasTrainableQuantizer` with target Weights), one instance per variable.
+        **kwargs: Keras layer arguments (`name` defaults to "quant_" + the layer's name).
+
+    Example:
+        >>> wrapped = KerasTrainableQuantizationWrapper(  # doctest: +SKIP
+        ...     keras.layers.Conv2D(16, 3), {"kernel": STESymmetricWeightQuantizer(weights_config)})
+    """
+
+    def __init__(self, layer: keras.layers.Layer, weights_quantizers: Mapping[str, BaseKerasTrainableQuantizer],
+                 **kwargs: Any):
+        check_layer(layer)
+        quantizers = check_weights_quantizers(
+            weights_quantizers, BaseKerasTrainableQuantizer, "Keras weights trainable quantizer"
+        )
+        kwargs.setdefault("name", f"quant_{layer.name}")
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        # No autocast: quantizers read float32 variables; the wrapped layer still autocasts its own reads.
+        super().__init__(autocast=False, **kwargs)
+        self.layer = layer
+        self.weights_quantizers = quantizers
+        self.supports_masking = layer.supports_masking
+        if layer.built:
+            for name in quantizers:
+                layer_variable(layer, name, "weights_quantizers")
+
+    def build(self, input_shape: Any) -> None:
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        quantized = []
+        for name, quantizer in self.weights_quantizers.items():
+            variable = layer_variable(self.layer, name, "weights_quantizers")
+            if not quantizer.weights_quantization():
+                continue
+            quantizer.initialize_quantization(tuple(variable.shape), name, self)
+            quantized.append(QuantizedWeight(name, variable, quantizer))
+        self._quantized_weights = tuple(quantized)
+
+    def call(self, inputs: Any, *args: Any, training: bool | None = None, **kwargs: Any) -> Any:
+        training = bool(training)
+        substitutes = [(w.variable, w.quantizer(tf.convert_to_tensor(w.variable), training)) for w in self._quantized_weights]
+        outputs, losses = call_with_weights(self.layer, substitutes, (inputs, *args), kwargs)
+        if losses:
+            self.add_loss(losses)
+        return outputs
+
+    def compute_output_spec(self, inputs: Any, *args: Any, training: bool | None = None, **kwargs: Any) -> Any:
+        return self.layer.compute_output_spec(inputs, *args, **kwargs)
+
+    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
+        return self.layer.compute_mask(inputs, mask)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["layer"] = keras.saving.serialize_keras_object(self.layer)
+        config["weights_quantizers"] = {
+            name: keras.saving.serialize_keras_object(q) for name, q in self.weights_quantizers.items()
+        }
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> KerasTrainableQuantizationWrapper:
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"))
+        quantizers = {
+            name: keras.saving.deserialize_keras_object(q) for name, q in config.pop("weights_quantizers").items()
+        }
+        return cls(layer, quantizers, **config)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class KerasActivationQuantizationHolder(keras.layers.Layer):
+    """Fake-quantizes the tensor that flows through it with a trainable activation quantizer.
+
+    Args:
+        activation_quantizer: a `BaseKerasTrainableQuantizer` with target Activation.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, activation_quantizer: BaseKerasTrainableQuantizer, **kwargs: Any):
+        if not isinstance(activation_quantizer, BaseKerasTrainableQuantizer):
+            raise QuantizationConfigError(
+                f"activation_quantizer must be a Keras activation trainable quantizer, got {activation_quantizer!r} "
+                f"of type {type(activation_quantizer).__name__}"
+            )
+        if activation_quantizer.quantization_target is not QuantizationTarget.Activation:
+            raise QuantizationConfigError(
+                f"activation_quantizer quantizes {activation_quantizer.quantization_target.value}, not Activation: "
+                f"{type(activation_quantizer).__name__}"
+            )
+        # No autocast: the quantizer reads its float32 variables; the op computes in float32 and returns
+        # the input's dtype.
+        super().__init__(autocast=False, **kwargs)
+        self.activation_quantizer = activation_quantizer
+        self.supports_masking = True
+        self._enabled = activation_quantizer.activation_quantization()
+
+    def build(self, input_shape: Any) -> None:
+        if self._enabled:
+            self.activation_quantizer.initialize_quantization(tuple(input_shape), "activation", self)
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        if not self._enabled:
+            return inputs
+        return self.activation_quantizer(inputs, bool(training))
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["activation_quantizer"] = keras.saving.serialize_keras_object(self.activation_quantizer)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> KerasActivationQuantizationHolder:
+        config = dict(config)
+        quantizer = keras.saving.deserialize_keras_object(config.pop("activation_quantizer"))
+        return cls(quantizer, **config)
