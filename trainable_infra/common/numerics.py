@@ -133,8 +133,10 @@ def symmetric_int_range(n_bits: int, signed: bool) -> tuple[int, int]:
 
 
 def power_of_two_threshold(threshold: float | np.ndarray) -> np.ndarray:
-    """The smallest power of two >= `threshold`."""
-    return np.power(2.0, np.ceil(np.log2(np.asarray(threshold, dtype=np.float64))))
+    """The smallest power of two >= `threshold` (> 0)."""
+    # frexp is exact (t = m·2^e, m in [0.5, 1)), where ceil(log2(t)) can round the wrong way near 2^k.
+    mantissa, exponent = np.frexp(np.asarray(threshold, dtype=np.float64))
+    return np.ldexp(1.0, exponent - (mantissa == 0.5))
 
 
 def effective_threshold(

@@ -1,8 +1,46 @@
-"""PyTorch backend of trainable-infra."""
+"""PyTorch backend of trainable-infra: trainable quantizers, wrapper modules, conversion and export."""
 
 try:
     import torch  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError("trainable_infra.pytorch_backend needs PyTorch: pip install 'trainable-infra[torch]'") from exc
 
-__all__: list[str] = []
+from trainable_infra.pytorch_backend.base_quantizer import (
+    BasePytorchActivationTrainableQuantizer,
+    BasePytorchTrainableQuantizer,
+    BasePytorchWeightTrainableQuantizer,
+)
+from trainable_infra.pytorch_backend.convert import convert_to_inferable
+from trainable_infra.pytorch_backend.export import export_onnx
+from trainable_infra.pytorch_backend.quantizers import (
+    LSQSymmetricActivationQuantizer,
+    LSQSymmetricWeightQuantizer,
+    LSQUniformActivationQuantizer,
+    LSQUniformWeightQuantizer,
+    STESymmetricActivationQuantizer,
+    STESymmetricWeightQuantizer,
+    STEUniformActivationQuantizer,
+    STEUniformWeightQuantizer,
+)
+from trainable_infra.pytorch_backend.wrappers import (
+    PytorchTrainableActivationQuantizationHolder,
+    PytorchTrainableQuantizationWrapper,
+)
+
+__all__ = [
+    "BasePytorchActivationTrainableQuantizer",
+    "BasePytorchTrainableQuantizer",
+    "BasePytorchWeightTrainableQuantizer",
+    "LSQSymmetricActivationQuantizer",
+    "LSQSymmetricWeightQuantizer",
+    "LSQUniformActivationQuantizer",
+    "LSQUniformWeightQuantizer",
+    "PytorchTrainableActivationQuantizationHolder",
+    "PytorchTrainableQuantizationWrapper",
+    "STESymmetricActivationQuantizer",
+    "STESymmetricWeightQuantizer",
+    "STEUniformActivationQuantizer",
+    "STEUniformWeightQuantizer",
+    "convert_to_inferable",
+    "export_onnx",
+]

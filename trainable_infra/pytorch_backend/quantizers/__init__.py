@@ -1,0 +1,25 @@
+"""Built-in PyTorch trainable quantizers."""
+
+from trainable_infra.pytorch_backend.quantizers.lsq import (
+    LSQSymmetricActivationQuantizer,
+    LSQSymmetricWeightQuantizer,
+    LSQUniformActivationQuantizer,
+    LSQUniformWeightQuantizer,
+)
+from trainable_infra.pytorch_backend.quantizers.ste import (
+    STESymmetricActivationQuantizer,
+    STESymmetricWeightQuantizer,
+    STEUniformActivationQuantizer,
+    STEUniformWeightQuantizer,
+)
+
+__all__ = [
+    "LSQSymmetricActivationQuantizer",
+    "LSQSymmetricWeightQuantizer",
+    "LSQUniformActivationQuantizer",
+    "LSQUniformWeightQuantizer",
+    "STESymmetricActivationQuantizer",
+    "STESymmetricWeightQuantizer",
+    "STEUniformActivationQuantizer",
+    "STEUniformWeightQuantizer",
+]

@@ -1,0 +1,176 @@
+"""The quantization grids in torch: their variables, the fused fake-quant call and the inferable quantizer.
+
+`SymmetricGrid` (symmetric and power-of-two) and `UniformGrid` are mixins shared by the STE and LSQ
+quantizers: they create the variables in `initialize_quantization`, compute (Δ, zero point) from them each
+call with a handful of ops on C-length vectors, and build the mct-quantizers inferable quantizer. The maths
+is DESIGN.md §4, the same as `trainable_infra.common.numerics`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from mct_quantizers.pytorch.quantizers import (
+    ActivationPOTInferableQuantizer,
+    ActivationSymmetricInferableQuantizer,
+    ActivationUniformInferableQuantizer,
+    WeightsPOTInferableQuantizer,
+    WeightsSymmetricInferableQuantizer,
+    WeightsUniformInferableQuantizer,
+)
+
+from trainable_infra.common.enums import VariableGroup
+from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.mct import QuantizationTarget
+from trainable_infra.common.numerics import broadcast_shape, lsq_grad_scale, lsq_num_elements_weights
+from trainable_infra.common.quant_params import SymmetricParams, UniformParams
+
+
+def fake_quantize(
+    x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, axis: int | None, q_min: int, q_max: int
+) -> torch.Tensor:
+    """torch's fused fake-quant kernel: per-channel along `axis`, or per-tensor when `axis` is None."""
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, delta, zero_point, q_min, q_max)
+    return torch.fake_quantize_per_channel_affine(x, delta, zero_point, axis, q_min, q_max)
+
+
+def power_of_two(t: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= t (t > 0), exactly."""
+    mantissa, _ = torch.frexp(t)
+    # t = m·2^e with m in [0.5, 1): the answer is 2^e = t/m (an exact division), or t itself when m = 0.5.
+    return torch.where(mantissa == 0.5, t, t / mantissa)
+
+
+def register_variable(layer: Any, name: str, value: np.ndarray, trainable: bool) -> torch.nn.Parameter:
+    """Create a float32 parameter from `value` on `layer` (on the device of the layer's own tensors)."""
+    if not isinstance(layer, torch.nn.Module):
+        raise QuantizationConfigError(
+            f"layer must be the torch.nn.Module that holds the quantizer's variables, got {type(layer).__name__}"
+        )
+    reference = next(iter(layer.parameters()), None)
+    device = reference.device if reference is not None else None
+    parameter = torch.nn.Parameter(
+        torch.tensor(np.asarray(value), dtype=torch.float32, device=device), requires_grad=trainable
+    )
+    layer.register_parameter(name, parameter)
+    return parameter
+
+
+class _Grid:
+    """What both grids share: reading the config and the tensor layout it implies."""
+
+    # Whether the quantization parameters are trained (LSQ) or fixed (STE).
+    learnable_params: ClassVar[bool]
+    quantization_target: QuantizationTarget
+    freeze_quant_params: bool
+
+    def _read(self, tensor_shape: Any) -> SymmetricParams | UniformParams:
+        params = self.read_quant_params(tensor_shape)
+        self.axis = params.channel_axis
+        # Parameters are C-length vectors; `view` reshapes them to broadcast against the input.
+        self.view = broadcast_shape(len(tensor_shape), self.axis) if self.axis is not None else (-1,)
+        self.reduce_dims = (
+            tuple(i for i in range(len(tensor_shape)) if i != self.axis) if self.axis is not None else None
+        )
+        return params
+
+    def _variable(self, layer: Any, name: str, key: str, value: np.ndarray) -> torch.nn.Parameter:
+        variable = register_variable(
+            layer, f"{name}_{key}", value, self.learnable_params and not self.freeze_quant_params
+        )
+        self.add_quantizer_variable(key, variable, VariableGroup.QPARAMS)
+        return variable
+
+    def _weight_grad_scale(self, tensor_shape: Any, q_max: int) -> float:
+        if self.quantization_target is not QuantizationTarget.Weights:
+            return 0.0  # activations: computed per call from the batch's shape
+        return lsq_grad_scale(lsq_num_elements_weights(tuple(tensor_shape), self.axis), q_max)
+
+
+class SymmetricGrid(_Grid):
+    """Symmetric and power-of-two grids: Δ = t / 2^(n-s), integers in [q_min, q_max], zero point 0."""
+
+    def initialize_quantization(self, tensor_shape: Any, name: str, layer: Any) -> None:
+        """Create the threshold variable `<name>_threshold` on `layer`."""
+        params = self._read(tensor_shape)
+        self.params = params
+        self.threshold = self._variable(layer, name, "threshold", params.threshold)
+        self.q_min, self.q_max = params.int_range
+        self.steps = float(2 ** (params.n_bits - int(params.signed)))
+        self.grad_scale = self._weight_grad_scale(tensor_shape, self.q_max)
+
+    def effective_threshold(self) -> torch.Tensor:
+        """The threshold the grid uses (float32): clamped by min_threshold, rounded up to 2^k for POT."""
+        t = self.threshold.detach().float().clamp_min(self.params.min_threshold)
+        return power_of_two(t) if self.params.power_of_two else t
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Δ, zero point) as C-length float32 and int32 vectors, outside autograd."""
+        delta = (self.effective_threshold() / self.steps).detach()
+        return delta, torch.zeros_like(delta, dtype=torch.int32)
+
+    def bounds(self, delta: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[Δ·q_min, Δ·q_max], shaped to broadcast against the input."""
+        d = delta.view(self.view)
+        return d * self.q_min, d * self.q_max
+
+    def convert2inferable(self) -> Any:
+        """The mct-quantizers PyTorch inferable quantizer with this grid."""
+        threshold = self.effective_threshold().detach().cpu().tolist()
+        p = self.params
+        if self.quantization_target is QuantizationTarget.Weights:
+            cls = WeightsPOTInferableQuantizer if p.power_of_two else WeightsSymmetricInferableQuantizer
+            return cls(num_bits=p.n_bits, threshold=threshold, per_channel=self.axis is not None,
+                       channel_axis=self.axis)
+        cls = ActivationPOTInferableQuantizer if p.power_of_two else ActivationSymmetricInferableQuantizer
+        return cls(num_bits=p.n_bits, threshold=threshold, signed=p.signed)
+
+
+class UniformGrid(_Grid):
+    """Uniform grids: the range widened to contain 0, Δ = (b - a)/K, zero point z = round(-a/Δ)."""
+
+    def initialize_quantization(self, tensor_shape: Any, name: str, layer: Any) -> None:
+        """Create the range variables `<name>_range_min` and `<name>_range_max` on `layer`."""
+        params = self._read(tensor_shape)
+        self.params = params
+        self.range_min = self._variable(layer, name, "range_min", params.range_min)
+        self.range_max = self._variable(layer, name, "range_max", params.range_max)
+        self.q_min, self.q_max = 0, 2**params.n_bits - 1
+        self.grad_scale = self._weight_grad_scale(tensor_shape, self.q_max)
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Δ, zero point) as C-length float32 and int32 vectors, outside autograd."""
+        low = self.range_min.detach().float().clamp_max(0.0)
+        high = self.range_max.detach().float().clamp_min(0.0)
+        delta = (high - low) / self.q_max
+        return delta, torch.round(-low / delta).clamp(0, self.q_max).to(torch.int32)
+
+    def bounds(self, delta: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adjusted range [a', b'] = [-z·Δ, (K - z)·Δ], shaped to broadcast against the input."""
+        d, z = delta.view(self.view), zero_point.view(self.view)
+        return -z * d, (self.q_max - z) * d
+
+    def convert2inferable(self) -> Any:
+        """The mct-quantizers PyTorch inferable quantizer with this grid."""
+        delta, zero_point = (t.detach() for t in self.grid())
+        # The adjusted range in float64 is exact (z·Δ of a float32 Δ), so mct-quantizers re-derives our grid.
+        d = delta.cpu().double()
+        z = zero_point.cpu().double()
+        low, high = (-z * d).tolist(), ((self.q_max - z) * d).tolist()
+        n_bits = self.params.n_bits
+        if self.quantization_target is QuantizationTarget.Weights:
+            quantizer = WeightsUniformInferableQuantizer(
+                num_bits=n_bits, min_range=low, max_range=high, per_channel=self.axis is not None,
+                channel_axis=self.axis,
+            )
+            # Its float32 re-derivation of the zero point truncates (`.int()`), which lands one step low for
+            # some ranges; give it the trained grid so that what was trained is what is deployed.
+            quantizer.scales = delta.to(quantizer.scales.device).clone()
+            quantizer.zero_points = zero_point.to(quantizer.zero_points.device).clone()
+            return quantizer
+        quantizer = ActivationUniformInferableQuantizer(num_bits=n_bits, min_range=low, max_range=high)
+        quantizer.scale, quantizer.zero_point = float(delta[0]), int(zero_point[0])
+        return quantizer

@@ -1,0 +1,54 @@
+"""Straight-through-estimator quantizers: fixed quantization parameters, clipped identity gradient."""
+
+from __future__ import annotations
+
+import torch
+
+from trainable_infra.common.enums import TrainingMethod
+from trainable_infra.common.mct import QuantizationMethod, QuantizationTarget, mark_quantizer
+from trainable_infra.pytorch_backend.base_quantizer import (
+    BasePytorchActivationTrainableQuantizer,
+    BasePytorchWeightTrainableQuantizer,
+)
+from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, UniformGrid, fake_quantize
+
+_SYMMETRIC_METHODS = [QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO]
+
+
+class _STE:
+    """Forward: the fused fake-quant kernel. Backward: 1 inside [lo, hi], 0 outside.
+
+    torch's kernel masks the gradient on the *rounded* input, which lets through x up to half a step past the
+    range; clamping to [lo, hi] first gives the straight-through gradient of DESIGN.md §4 and changes no output
+    value (a clamped input rounds to the end of the grid either way).
+    """
+
+    learnable_params = False
+
+    def __call__(self, inputs: torch.Tensor, training: bool) -> torch.Tensor:
+        """Fake-quantize `inputs`; in training the gradient is the clipped straight-through one."""
+        delta, zero_point = self.grid()
+        if training:
+            low, high = self.bounds(delta, zero_point)
+            inputs = torch.clamp(inputs, low, high)
+        return fake_quantize(inputs, delta, zero_point, self.axis, self.q_min, self.q_max)
+
+
+@mark_quantizer(QuantizationTarget.Weights, _SYMMETRIC_METHODS, TrainingMethod.STE)
+class STESymmetricWeightQuantizer(_STE, SymmetricGrid, BasePytorchWeightTrainableQuantizer):
+    """Symmetric / power-of-two weight quantizer with a fixed threshold (per-channel or per-tensor)."""
+
+
+@mark_quantizer(QuantizationTarget.Weights, [QuantizationMethod.UNIFORM], TrainingMethod.STE)
+class STEUniformWeightQuantizer(_STE, UniformGrid, BasePytorchWeightTrainableQuantizer):
+    """Uniform weight quantizer with a fixed range (per-channel or per-tensor)."""
+
+
+@mark_quantizer(QuantizationTarget.Activation, _SYMMETRIC_METHODS, TrainingMethod.STE)
+class STESymmetricActivationQuantizer(_STE, SymmetricGrid, BasePytorchActivationTrainableQuantizer):
+    """Symmetric / power-of-two activation quantizer (signed or unsigned) with a fixed threshold."""
+
+
+@mark_quantizer(QuantizationTarget.Activation, [QuantizationMethod.UNIFORM], TrainingMethod.STE)
+class STEUniformActivationQuantizer(_STE, UniformGrid, BasePytorchActivationTrainableQuantizer):
+    """Uniform activation quantizer with a fixed range."""

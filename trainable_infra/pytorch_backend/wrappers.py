@@ -1,0 +1,130 @@
+"""Modules that put trainable quantizers around a layer's weights and on activations."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
+from torch import nn
+
+from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.mct import QuantizationTarget
+from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
+
+# How the wrapped module is called with its quantized weight (chosen once, at construction).
+_CALL_LINEAR = "linear"
+_CALL_CONV = "conv"
+_CALL_GENERIC = "generic"
+
+
+def check_quantizer(argument: str, quantizer: Any, target: QuantizationTarget) -> BasePytorchTrainableQuantizer:
+    """Raise unless `quantizer` is a fresh PyTorch trainable quantizer for `target`."""
+    if not isinstance(quantizer, BasePytorchTrainableQuantizer):
+        raise QuantizationConfigError(
+            f"{argument} must be a PyTorch trainable quantizer (a BasePytorchTrainableQuantizer), got {quantizer!r}"
+        )
+    if quantizer.quantization_target is not target:
+        raise QuantizationConfigError(
+            f"{argument} must quantize {target.value}, got {type(quantizer).__name__} which quantizes "
+            f"{quantizer.quantization_target.value}"
+        )
+    if quantizer.quantizer_parameters:
+        raise QuantizationConfigError(
+            f"{argument} ({type(quantizer).__name__}) already holds the variables of another layer; "
+            "create one quantizer per quantized tensor"
+        )
+    return quantizer
+
+
+def _call_kind(module: nn.Module, names: list[str]) -> str:
+    # Only the stock forward methods are bypassed: a subclass with its own forward takes the generic path.
+    forward = type(module).forward
+    if names == ["weight"] and forward is nn.Linear.forward:
+        return _CALL_LINEAR
+    if names == ["weight"] and forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
+        return _CALL_CONV
+    return _CALL_GENERIC
+
+
+class PytorchTrainableQuantizationWrapper(nn.Module):
+    """A module that runs `module` with its weights fake-quantized by trainable quantizers.
+
+    The quantizers' variables are parameters of this wrapper (`<attribute>_threshold`, `<attribute>_range_min`,
+    ...), so optimizers, `state_dict`, `.to(device)`, `copy.deepcopy` and `torch.compile` see them; the wrapped
+    module keeps its own parameters (state-dict keys `module.weight`, `module.bias`).
+
+    Args:
+        module: the layer, e.g. `nn.Conv2d` or `nn.Linear`.
+        weights_quantizers: {attribute name: weight quantizer}, e.g. `{"weight": STESymmetricWeightQuantizer(config)}`.
+
+    Example:
+        >>> wrapped = PytorchTrainableQuantizationWrapper(nn.Linear(4, 2), {"weight": quantizer})  # doctest: +SKIP
+    """
+
+    def __init__(self, module: nn.Module, weights_quantizers: Mapping[str, BasePytorchTrainableQuantizer]):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise QuantizationConfigError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not isinstance(weights_quantizers, Mapping):
+            raise QuantizationConfigError(
+                f"weights_quantizers must be a dict {{attribute name: quantizer}}, got {weights_quantizers!r}"
+            )
+        for name, quantizer in weights_quantizers.items():
+            weight = getattr(module, name, None) if isinstance(name, str) else None
+            if not isinstance(weight, torch.Tensor):
+                available = [n for n, _ in module.named_parameters(recurse=False)]
+                raise QuantizationConfigError(
+                    f"weights_quantizers names {name!r}, which is not a tensor attribute of "
+                    f"{type(module).__name__}; its parameters are {available}"
+                )
+            check_quantizer(f"weights_quantizers[{name!r}]", quantizer, QuantizationTarget.Weights)
+        self.module = module
+        self.weights_quantizers = dict(weights_quantizers)
+        for name, quantizer in self.weights_quantizers.items():
+            quantizer.initialize_quantization(tuple(getattr(module, name).shape), name, self)
+        self._call = _call_kind(module, list(self.weights_quantizers))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Quantize the weights, then run the wrapped module with them."""
+        module = self.module
+        quantized = {
+            name: quantizer(getattr(module, name), self.training) for name, quantizer in self.weights_quantizers.items()
+        }
+        if len(args) == 1 and not kwargs:
+            # The common layers are called with their quantized weight directly, which saves swapping parameters
+            # in and out of the module on every step.
+            if self._call == _CALL_LINEAR:
+                return F.linear(args[0], quantized["weight"], module.bias)
+            if self._call == _CALL_CONV:
+                return module._conv_forward(args[0], quantized["weight"], module.bias)
+        return torch.func.functional_call(module, quantized, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: {type(q).__name__}" for name, q in self.weights_quantizers.items())
+
+
+class PytorchTrainableActivationQuantizationHolder(nn.Module):
+    """A module that fake-quantizes its input with a trainable activation quantizer.
+
+    The quantizer's variables are parameters of the holder (`activation_threshold`, or `activation_range_min`
+    and `activation_range_max`).
+
+    Args:
+        activation_quantizer: an activation quantizer, e.g. `STESymmetricActivationQuantizer(config)`.
+    """
+
+    def __init__(self, activation_quantizer: BasePytorchTrainableQuantizer):
+        super().__init__()
+        self.activation_holder_quantizer = check_quantizer(
+            "activation_quantizer", activation_quantizer, QuantizationTarget.Activation
+        )
+        activation_quantizer.initialize_quantization(None, "activation", self)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize `inputs`."""
+        return self.activation_holder_quantizer(inputs, self.training)
+
+    def extra_repr(self) -> str:
+        return type(self.activation_holder_quantizer).__name__
