@@ -9,7 +9,6 @@ import numpy as np
 
 from trainable_infra.common.base_quantizer import BaseTrainableQuantizer
 from trainable_infra.common.enums import VariableGroup
-from trainable_infra.common.errors import QuantizerDefinitionError
 from trainable_infra.common.mct import QuantizationTarget
 
 
@@ -61,23 +60,10 @@ class BaseKerasTrainableQuantizer(BaseTrainableQuantizer):
 class BaseKerasWeightTrainableQuantizer(BaseKerasTrainableQuantizer):
     """Base of Keras quantizers of weights (`mark_quantizer(quantization_target=QuantizationTarget.Weights)`)."""
 
-    def __init__(self, quantization_config: Any, freeze_quant_params: bool = False):
-        _check_target(type(self), QuantizationTarget.Weights)
-        super().__init__(quantization_config, freeze_quant_params)
+    base_quantization_target = QuantizationTarget.Weights
 
 
 class BaseKerasActivationTrainableQuantizer(BaseKerasTrainableQuantizer):
     """Base of Keras quantizers of activations (`mark_quantizer(quantization_target=QuantizationTarget.Activation)`)."""
 
-    def __init__(self, quantization_config: Any, freeze_quant_params: bool = False):
-        _check_target(type(self), QuantizationTarget.Activation)
-        super().__init__(quantization_config, freeze_quant_params)
-
-
-def _check_target(cls: type, expected: QuantizationTarget) -> None:
-    target = getattr(cls, "quantization_target", None)
-    if target is not expected:
-        raise QuantizerDefinitionError(
-            f"{cls.__qualname__} derives from the {expected.value} base class but is marked with "
-            f"quantization_target={target!r}; mark it with QuantizationTarget.{expected.name}"
-        )
+    base_quantization_target = QuantizationTarget.Activation

@@ -150,7 +150,9 @@ class KerasTrainableQuantizationWrapper(keras.layers.Layer):
 
     def call(self, inputs: Any, *args: Any, training: bool | None = None, **kwargs: Any) -> Any:
         training = bool(training)
-        substitutes = [(w.variable, w.quantizer(tf.convert_to_tensor(w.variable), training)) for w in self._quantized_weights]
+        substitutes = [
+            (w.variable, w.quantizer(tf.convert_to_tensor(w.variable), training)) for w in self._quantized_weights
+        ]
         outputs, losses = call_with_weights(self.layer, substitutes, (inputs, *args), kwargs)
         if losses:
             self.add_loss(losses)
