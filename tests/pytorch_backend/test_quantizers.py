@@ -75,8 +75,8 @@ def _cases() -> list[Case]:
             for method in (SYM, POT, UNI):
                 for layout in ("per-channel-axis0", "per-channel-axis-1", "per-tensor"):
                     cases.append(Case(training, method, "weights", n_bits, layout))
-                layouts = ("positive-range", "negative-range", "straddling") if method is UNI else ("signed", "unsigned")
-                for layout in layouts:
+                ranges = ("positive-range", "negative-range", "straddling")
+                for layout in ranges if method is UNI else ("signed", "unsigned"):
                     cases.append(Case(training, method, "activation", n_bits, layout))
     return cases
 
@@ -186,7 +186,7 @@ def test_training_forward_matches_reference(case):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_gradients_match_reference(case):
-    quantizer, layer, params = build(case)
+    quantizer, _, params = build(case)
     rng = np.random.default_rng(2)
     grid = reference(case, params, np.zeros(case.shape, np.float32))
     # Random values only (no constructed ties): the parameter gradient sums rounding errors, which a tie flips.
