@@ -155,19 +155,18 @@ class UniformGrid(_Grid):
 
     def convert2inferable(self) -> Any:
         """The mct-quantizers PyTorch inferable quantizer with this grid."""
-        delta, zero_point = (t.detach() for t in self.grid())
-        # The adjusted range in float64 is exact (z·Δ of a float32 Δ), so mct-quantizers re-derives our grid.
-        d = delta.cpu().double()
-        z = zero_point.cpu().double()
+        delta, zero_point = self.grid()
+        d, z = delta.cpu().double(), zero_point.cpu().double()
         low, high = (-z * d).tolist(), ((self.q_max - z) * d).tolist()
         n_bits = self.params.n_bits
+        # mct-quantizers re-derives (scale, zero point) from the range in float32, and for weights truncates
+        # the zero point (`.int()`): for some ranges the scale moves by an ulp or the zero point by a whole step.
+        # It is handed the trained grid, so that what was trained is what is deployed.
         if self.quantization_target is QuantizationTarget.Weights:
             quantizer = WeightsUniformInferableQuantizer(
                 num_bits=n_bits, min_range=low, max_range=high, per_channel=self.axis is not None,
                 channel_axis=self.axis,
             )
-            # Its float32 re-derivation of the zero point truncates (`.int()`), which lands one step low for
-            # some ranges; give it the trained grid so that what was trained is what is deployed.
             quantizer.scales = delta.to(quantizer.scales.device).clone()
             quantizer.zero_points = zero_point.to(quantizer.zero_points.device).clone()
             return quantizer
