@@ -26,15 +26,7 @@ from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.common.numerics import broadcast_shape, lsq_grad_scale, lsq_num_elements_weights
 from trainable_infra.common.quant_params import SymmetricParams, UniformParams
-
-
-def fake_quantize(
-    x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, axis: int | None, q_min: int, q_max: int
-) -> torch.Tensor:
-    """torch's fused fake-quant kernel: per-channel along `axis`, or per-tensor when `axis` is None."""
-    if axis is None:
-        return torch.fake_quantize_per_tensor_affine(x, delta, zero_point, q_min, q_max)
-    return torch.fake_quantize_per_channel_affine(x, delta, zero_point, axis, q_min, q_max)
+from trainable_infra.pytorch_backend.quantizers.fake_quant import fake_quantize
 
 
 def power_of_two(t: torch.Tensor) -> torch.Tensor:
@@ -71,7 +63,7 @@ class _Grid:
         params = self.read_quant_params(tensor_shape)
         self.axis = params.channel_axis
         # Parameters are C-length vectors; `view` reshapes them to broadcast against the input.
-        self.view = broadcast_shape(len(tensor_shape), self.axis) if self.axis is not None else (-1,)
+        self.view = broadcast_shape(len(tensor_shape), self.axis) if self.axis is not None else ()
         self.reduce_dims = (
             tuple(i for i in range(len(tensor_shape)) if i != self.axis) if self.axis is not None else None
         )
@@ -83,6 +75,10 @@ class _Grid:
         )
         self.add_quantizer_variable(key, variable, VariableGroup.QPARAMS)
         return variable
+
+    def fake_quantize(self, x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize `x` on the grid (Δ, zero point), without gradient rules."""
+        return fake_quantize(x, delta, zero_point, self.axis, self.view, self.q_min, self.q_max)
 
     def _weight_grad_scale(self, tensor_shape: Any, q_max: int) -> float:
         if self.quantization_target is not QuantizationTarget.Weights:

@@ -19,7 +19,8 @@ from trainable_infra.pytorch_backend.base_quantizer import (
     BasePytorchActivationTrainableQuantizer,
     BasePytorchWeightTrainableQuantizer,
 )
-from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, UniformGrid, fake_quantize
+from trainable_infra.pytorch_backend.quantizers.fake_quant import ste_input_grad
+from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, UniformGrid
 
 _SYMMETRIC_METHODS = [QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO]
 
@@ -36,18 +37,17 @@ class _LSQSymmetricFunction(torch.autograd.Function):
         delta, zero_point = q.grid()
         ctx.save_for_backward(x, threshold, delta, zero_point)
         ctx.q, ctx.grad_scale = q, grad_scale
-        return fake_quantize(x, delta, zero_point, q.axis, q.q_min, q.q_max)
+        return q.fake_quantize(x, delta, zero_point)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         x, threshold, delta, zero_point = ctx.saved_tensors
         q = ctx.q
         # Recomputed rather than saved: one cheap kernel instead of holding a second activation-sized tensor.
-        y = fake_quantize(x, delta, zero_point, q.axis, q.q_min, q.q_max)
+        y = q.fake_quantize(x, delta, zero_point)
         low, high = q.bounds(delta, zero_point)
         below, above = x < low, x > high
-        inside = ~(below | above)
-        grad_x = grad_output * inside if ctx.needs_input_grad[0] else None
+        grad_x = ste_input_grad(grad_output, x, low, high) if ctx.needs_input_grad[0] else None
         grad_threshold = None
         if ctx.needs_input_grad[1]:
             d_delta = torch.where(below, q.q_min, torch.where(above, q.q_max, (y - x) / delta.view(q.view)))
@@ -65,17 +65,17 @@ class _LSQUniformFunction(torch.autograd.Function):
         delta, zero_point = q.grid()
         ctx.save_for_backward(x, range_min, range_max, delta, zero_point)
         ctx.q, ctx.grad_scale = q, grad_scale
-        return fake_quantize(x, delta, zero_point, q.axis, q.q_min, q.q_max)
+        return q.fake_quantize(x, delta, zero_point)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         x, range_min, range_max, delta, zero_point = ctx.saved_tensors
         q = ctx.q
-        y = fake_quantize(x, delta, zero_point, q.axis, q.q_min, q.q_max)
+        y = q.fake_quantize(x, delta, zero_point)
         low, high = q.bounds(delta, zero_point)
         below, above = x < low, x > high
         inside = ~(below | above)
-        grad_x = grad_output * inside if ctx.needs_input_grad[0] else None
+        grad_x = ste_input_grad(grad_output, x, low, high) if ctx.needs_input_grad[0] else None
         grad_min = grad_max = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             levels = q.q_max
@@ -106,7 +106,7 @@ class _LSQSymmetric(_LSQ, SymmetricGrid):
         if training:
             return _LSQSymmetricFunction.apply(inputs, self.threshold, self, self._grad_scale(inputs))
         delta, zero_point = self.grid()
-        return fake_quantize(inputs, delta, zero_point, self.axis, self.q_min, self.q_max)
+        return self.fake_quantize(inputs, delta, zero_point)
 
 
 class _LSQUniform(_LSQ, UniformGrid):
@@ -117,7 +117,7 @@ class _LSQUniform(_LSQ, UniformGrid):
                 inputs, self.range_min, self.range_max, self, self._grad_scale(inputs)
             )
         delta, zero_point = self.grid()
-        return fake_quantize(inputs, delta, zero_point, self.axis, self.q_min, self.q_max)
+        return self.fake_quantize(inputs, delta, zero_point)
 
 
 @mark_quantizer(QuantizationTarget.Weights, _SYMMETRIC_METHODS, TrainingMethod.LSQ)

@@ -10,28 +10,26 @@ from trainable_infra.pytorch_backend.base_quantizer import (
     BasePytorchActivationTrainableQuantizer,
     BasePytorchWeightTrainableQuantizer,
 )
-from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, UniformGrid, fake_quantize
+from trainable_infra.pytorch_backend.quantizers.fake_quant import STEFakeQuantize
+from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, UniformGrid
 
 _SYMMETRIC_METHODS = [QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO]
 
 
 class _STE:
-    """Forward: the fused fake-quant kernel. Backward: 1 inside [lo, hi], 0 outside.
-
-    torch's kernel masks the gradient on the *rounded* input, which lets through x up to half a step past the
-    range; clamping to [lo, hi] first gives the straight-through gradient of DESIGN.md §4 and changes no output
-    value (a clamped input rounds to the end of the grid either way).
-    """
+    """Fixed quantization parameters; the input gradient is the clipped straight-through estimator."""
 
     learnable_params = False
 
     def __call__(self, inputs: torch.Tensor, training: bool) -> torch.Tensor:
-        """Fake-quantize `inputs`; in training the gradient is the clipped straight-through one."""
+        """Fake-quantize `inputs`; in training the gradient passes where the input lies in the range."""
         delta, zero_point = self.grid()
-        if training:
-            low, high = self.bounds(delta, zero_point)
-            inputs = torch.clamp(inputs, low, high)
-        return fake_quantize(inputs, delta, zero_point, self.axis, self.q_min, self.q_max)
+        if not training:
+            return self.fake_quantize(inputs, delta, zero_point)
+        low, high = self.bounds(delta, zero_point)
+        return STEFakeQuantize.apply(
+            inputs, delta, zero_point, low, high, self.axis, self.view, self.q_min, self.q_max
+        )
 
 
 @mark_quantizer(QuantizationTarget.Weights, _SYMMETRIC_METHODS, TrainingMethod.STE)

@@ -1,0 +1,63 @@
+"""Fake quantization and its straight-through gradient, on the fastest exact path of each device.
+
+On CUDA the fused kernels (`torch.fake_quantize_per_*_affine`) are the fast path. On the CPU the same IEEE
+operations written out (multiply by 1/Δ, round half to even, add the zero point, clip, subtract it, multiply
+by Δ) run 5-10x faster than the fused CPU kernel, which is not vectorized, and give the same bits: the kernel
+computes exactly `(clip(nearbyint(x · (1/Δ)) + z, q_min, q_max) - z) · Δ` in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None,
+    view: tuple[int, ...],
+    q_min: int,
+    q_max: int,
+) -> torch.Tensor:
+    """Fake-quantize `x` with C-length `delta` / int32 `zero_point`, per-channel along `axis` or per-tensor."""
+    if x.device.type != "cpu":
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, delta, zero_point, q_min, q_max)
+        return torch.fake_quantize_per_channel_affine(x, delta, zero_point, axis, q_min, q_max)
+    d = delta.view(view)
+    z = zero_point.view(view).to(torch.float32)
+    steps = torch.round(x * torch.reciprocal(d)).add_(z).clamp_(q_min, q_max).sub_(z)
+    return steps.mul_(d).to(x.dtype)
+
+
+def ste_input_grad(grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """`grad` where low <= x <= high (inclusive, on the unrounded input), 0 elsewhere."""
+    if x.device.type == "cpu" and low.numel() == 1 and x.dtype == low.dtype and not torch.compiler.is_compiling():
+        # One fused CPU kernel instead of comparisons and a select on bool tensors (about 20x slower here).
+        # hardtanh's backward keeps the open interval (low, high): widen it by one ulp to include the ends.
+        below = torch.nextafter(low, torch.full_like(low, -torch.inf)).item()
+        above = torch.nextafter(high, torch.full_like(high, torch.inf)).item()
+        return torch.ops.aten.hardtanh_backward(grad, x, below, above)
+    return torch.where((x >= low) & (x <= high), grad, 0.0)
+
+
+class STEFakeQuantize(torch.autograd.Function):
+    """Fake quantization whose input gradient is the clipped straight-through estimator.
+
+    torch's fused kernels mask the gradient on the *rounded* input, which lets through inputs up to half a step
+    beyond the range; DESIGN.md §4 passes the gradient exactly on [Δ·q_min, Δ·q_max] (uniform: [a', b']).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, low: torch.Tensor,
+                high: torch.Tensor, axis: int | None, view: tuple[int, ...], q_min: int, q_max: int) -> torch.Tensor:
+        ctx.save_for_backward(x, low, high)
+        return fake_quantize(x, delta, zero_point, axis, view, q_min, q_max)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, low, high = ctx.saved_tensors
+        return ste_input_grad(grad, x, low, high), None, None, None, None, None, None, None, None
