@@ -407,3 +407,30 @@ def mse_threshold(
         best = np.where(better, candidate, best)
         best_err = np.where(better, err, best_err)
     return best
+
+
+def mse_range(
+    x: np.ndarray,
+    n_bits: int,
+    *,
+    channel_axis: int | None = None,
+    rounding: Rounding = "half_even",
+    num_candidates: int = 50,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (range_min, range_max) minimising the mean squared uniform quantization error.
+
+    Candidates shrink the observed [min, max] towards zero by a common factor from 1 down to 1/num_candidates.
+    """
+    x = _as_float_array(x)
+    axes = _reduce_axes(x, channel_axis)
+    low, high = min_max_range(x, channel_axis)
+    best_low, best_high = low.copy(), high.copy()
+    best_err = np.full(np.shape(low), np.inf)
+    for scale in np.linspace(1.0, 1.0 / num_candidates, num_candidates):
+        q = fake_quant_uniform(x, low * scale, high * scale, n_bits, channel_axis=channel_axis, rounding=rounding)
+        err = np.mean((q.astype(np.float64) - x) ** 2, axis=axes)
+        better = err < best_err
+        best_low = np.where(better, low * scale, best_low)
+        best_high = np.where(better, high * scale, best_high)
+        best_err = np.where(better, err, best_err)
+    return best_low, best_high

@@ -8,6 +8,7 @@ from enum import Enum
 from fnmatch import fnmatchcase
 from typing import Any
 
+from trainable_infra.common.calibration import ACTIVATION_CALIBRATIONS, WEIGHT_INITS
 from trainable_infra.common.config import (
     check_bool,
     check_method,
@@ -194,6 +195,10 @@ class QATConfig:
         layer_types: class names of the layers whose weights are quantized; None means the backend's
             default set (convolutions, transposed convolutions and dense / linear layers).
         min_threshold: smallest threshold any quantizer uses, > 0.
+        weight_init: how weight parameters start: "max_abs" (max |w| per channel, or min/max for uniform) or
+            "mse" (the threshold / range minimising the weight's quantization error).
+        activation_calibration: how `calibrate` sets activation parameters from data: "minmax" (observed
+            extremes) or "mse" (minimising the quantization error on a sample of the observed values).
         overrides: per-layer exceptions, a sequence of `LayerOverride` or a dict {pattern: settings};
             when several match a layer they apply in order, later ones winning.
 
@@ -213,6 +218,8 @@ class QATConfig:
     quantize_activations: bool = True
     layer_types: tuple[str, ...] | None = None
     min_threshold: float = DEFAULT_MIN_THRESHOLD
+    weight_init: str = "max_abs"
+    activation_calibration: str = "minmax"
     overrides: tuple[LayerOverride, ...] = ()
 
     def __post_init__(self) -> None:
@@ -221,6 +228,12 @@ class QATConfig:
         object.__setattr__(self, "quantize_activations", check_bool("quantize_activations", self.quantize_activations))
         object.__setattr__(self, "layer_types", _check_layer_types(self.layer_types))
         object.__setattr__(self, "min_threshold", check_positive_float("min_threshold", self.min_threshold))
+        if self.weight_init not in WEIGHT_INITS:
+            raise QuantizationConfigError(f"weight_init must be one of {WEIGHT_INITS}, got {self.weight_init!r}")
+        if self.activation_calibration not in ACTIVATION_CALIBRATIONS:
+            raise QuantizationConfigError(
+                f"activation_calibration must be one of {ACTIVATION_CALIBRATIONS}, got {self.activation_calibration!r}"
+            )
         object.__setattr__(self, "overrides", _check_overrides(self.overrides))
 
     def for_layer(self, name: str) -> LayerSettings:
@@ -242,6 +255,8 @@ class QATConfig:
             quantize_activations=self.quantize_activations,
             layer_types=None if self.layer_types is None else list(self.layer_types),
             min_threshold=self.min_threshold,
+            weight_init=self.weight_init,
+            activation_calibration=self.activation_calibration,
             overrides=[o.to_dict() for o in self.overrides],
         )
         return result
