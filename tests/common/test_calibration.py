@@ -17,7 +17,7 @@ W = np.array([[0.5, -2.0, 1.0], [0.25, 0.1, -0.3]], dtype=np.float32)
 
 
 def test_weight_max_abs_per_channel_and_per_tensor():
-    np.testing.assert_array_equal(weight_quant_params(W, SYM, 8, 0)["threshold"], [2.0, 0.3])
+    np.testing.assert_allclose(weight_quant_params(W, SYM, 8, 0)["threshold"], [2.0, 0.3], rtol=1e-6)
     np.testing.assert_array_equal(weight_quant_params(W, SYM, 8, None)["threshold"], 2.0)
 
 
