@@ -157,6 +157,12 @@ BAD_INPUTS = {
             STESymmetricWeightQuantizer(weights_config(per_channel=False))),
         QuantizationConfigError, ["weights_quantizers['bias'] is the same quantizer object", "'kernel'"],
     ),
+    "one-quantizer-in-two-layers": (
+        lambda: (lambda q: [KerasActivationQuantizationHolder(q, name=n).build((None, 3)) for n in ("a", "b")])(
+            STESymmetricActivationQuantizer(activation_config())),
+        QuantizationConfigError, ["activation_quantizer (STESymmetricActivationQuantizer) already quantizes",
+                                  "layer 'a'", "layer 'b' needs its own quantizer instance"],
+    ),
     "layer-not-a-keras-layer": (
         lambda: KerasTrainableQuantizationWrapper("dense", {}),
         QuantizationConfigError, ["layer must be a Keras 3 layer", "'dense'"],

@@ -247,3 +247,12 @@ def test_quantizer_variables_are_wrapper_weights_and_get_trainable_variables_lis
     own = {v.name for v in wrapper._trainable_variables}
     assert own == {"kernel_range_min", "kernel_range_max"}
     assert {v.name for v in quantizer.get_trainable_variables(VariableGroup.QPARAMS)} == own
+
+
+def test_models_with_quantizers_are_not_compiled_with_xla():
+    # XLA's fake-quant lowering does not round like TensorFlow's kernels, which the inferable quantizers use.
+    model = _sequential()
+    with pytest.warns(UserWarning, match="doesn't support `jit_compile=True`"):
+        model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    assert model.jit_compile is False
+    assert not any(layer.supports_jit for layer in model.layers if "quant" in type(layer).__name__.lower())

@@ -76,6 +76,7 @@ class KerasInferableQuantizationWrapper(keras.layers.Layer):
         kwargs.setdefault("name", f"quant_{layer.name}")
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(autocast=False, **kwargs)
+        self.supports_jit = False  # no XLA: see the note on it in wrappers.py
         self.layer = layer
         self.weights_quantizers = quantizers
         self.supports_masking = layer.supports_masking
@@ -134,6 +135,7 @@ class KerasInferableActivationQuantizationHolder(keras.layers.Layer):
                 f"{activation_quantizer!r} of type {type(activation_quantizer).__name__}"
             )
         super().__init__(autocast=False, **kwargs)
+        self.supports_jit = False  # no XLA: see the note on it in wrappers.py
         self.activation_quantizer = activation_quantizer
         self.supports_masking = True
 

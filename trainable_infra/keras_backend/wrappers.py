@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,6 +15,11 @@ from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
 
 PACKAGE = "trainable_infra"
+# The note on XLA: the layers here and in inferable_wrappers.py set `supports_jit = False`, so Keras never
+# compiles them with XLA (`jit_compile="auto"` would on a GPU; `jit_compile=True` falls back with a warning).
+# XLA's lowering of TensorFlow's fake-quant op, and its rewriting of the float64 range arithmetic, give outputs
+# that differ from TensorFlow's own kernels (which the mct-quantizers inferable quantizers run) by steps near
+# rounding ties and in last bits. Without XLA a trained model and its conversion agree bit for bit.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +46,21 @@ def layer_variable(layer: keras.layers.Layer, name: str, argument: str) -> keras
             f"its variables are {available}"
         )
     return variable
+
+
+def claim_quantizer(quantizer: Any, layer: keras.layers.Layer, argument: str) -> None:
+    """Record that `quantizer` now quantizes a tensor of `layer`; raise if another layer already uses it.
+
+    A quantizer holds the parameters of one tensor, so sharing one instance would silently overwrite them.
+    """
+    owner = getattr(quantizer, "_keras_owner", None)
+    owner = owner() if owner is not None else None
+    if owner is not None and owner is not layer:
+        raise QuantizationConfigError(
+            f"{argument} ({type(quantizer).__name__}) already quantizes a tensor of layer {owner.name!r}; "
+            f"layer {layer.name!r} needs its own quantizer instance"
+        )
+    quantizer._keras_owner = weakref.ref(layer)
 
 
 def call_with_weights(
@@ -129,6 +150,7 @@ class KerasTrainableQuantizationWrapper(keras.layers.Layer):
         kwargs.setdefault("dtype", layer.dtype_policy)
         # No autocast: quantizers read float32 variables; the wrapped layer still autocasts its own reads.
         super().__init__(autocast=False, **kwargs)
+        self.supports_jit = False  # no XLA: see the note on it in wrappers.py
         self.layer = layer
         self.weights_quantizers = quantizers
         self.supports_masking = layer.supports_masking
@@ -144,6 +166,7 @@ class KerasTrainableQuantizationWrapper(keras.layers.Layer):
             variable = layer_variable(self.layer, name, "weights_quantizers")
             if not quantizer.weights_quantization():
                 continue
+            claim_quantizer(quantizer, self, f"weights_quantizers[{name!r}]")
             quantizer.initialize_quantization(tuple(variable.shape), name, self)
             quantized.append(QuantizedWeight(name, variable, quantizer))
         self._quantized_weights = tuple(quantized)
@@ -205,12 +228,14 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
         # No autocast: the quantizer reads its float32 variables; the op computes in float32 and returns
         # the input's dtype.
         super().__init__(autocast=False, **kwargs)
+        self.supports_jit = False  # no XLA: see the note on it in wrappers.py
         self.activation_quantizer = activation_quantizer
         self.supports_masking = True
         self._enabled = activation_quantizer.activation_quantization()
 
     def build(self, input_shape: Any) -> None:
         if self._enabled:
+            claim_quantizer(self.activation_quantizer, self, "activation_quantizer")
             self.activation_quantizer.initialize_quantization(tuple(input_shape), "activation", self)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
