@@ -10,8 +10,10 @@ from trainable_infra.pytorch_backend.base_quantizer import (
     BasePytorchTrainableQuantizer,
     BasePytorchWeightTrainableQuantizer,
 )
+from trainable_infra.pytorch_backend.calibrate import calibrate
 from trainable_infra.pytorch_backend.convert import convert_to_inferable
 from trainable_infra.pytorch_backend.export import export_onnx
+from trainable_infra.pytorch_backend.quantize import quantize_model
 from trainable_infra.pytorch_backend.quantizers import (
     LSQSymmetricActivationQuantizer,
     LSQSymmetricWeightQuantizer,
@@ -21,6 +23,13 @@ from trainable_infra.pytorch_backend.quantizers import (
     STESymmetricWeightQuantizer,
     STEUniformActivationQuantizer,
     STEUniformWeightQuantizer,
+)
+from trainable_infra.pytorch_backend.report import quantization_report
+from trainable_infra.pytorch_backend.training import (
+    freeze_bn_stats,
+    freeze_quantizers,
+    unfreeze_bn_stats,
+    unfreeze_quantizers,
 )
 from trainable_infra.pytorch_backend.wrappers import (
     PytorchTrainableActivationQuantizationHolder,
@@ -41,6 +50,13 @@ __all__ = [
     "STESymmetricWeightQuantizer",
     "STEUniformActivationQuantizer",
     "STEUniformWeightQuantizer",
+    "calibrate",
     "convert_to_inferable",
     "export_onnx",
+    "freeze_bn_stats",
+    "freeze_quantizers",
+    "quantization_report",
+    "quantize_model",
+    "unfreeze_bn_stats",
+    "unfreeze_quantizers",
 ]

@@ -36,4 +36,10 @@ def convert_to_inferable(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise QuantizationConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    trainable = (PytorchTrainableQuantizationWrapper, PytorchTrainableActivationQuantizationHolder)
+    if not any(isinstance(m, trainable) for m in model.modules()):
+        raise QuantizationConfigError(
+            f"{type(model).__name__} has no trainable quantization wrapper or holder: quantize it with "
+            "quantize_model (or wrap its layers) and train it before converting"
+        )
     return _convert(copy.deepcopy(model)).eval()

@@ -1,0 +1,127 @@
+"""Activation parameters from representative data."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from trainable_infra.common.calibration import ActivationObserver
+from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.mct import QuantizationMethod
+from trainable_infra.pytorch_backend.wrappers import PytorchTrainableActivationQuantizationHolder
+
+
+def model_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
+    """The model inputs of one batch: a tensor, a tuple of tensors, or the first item of (inputs, targets)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        if isinstance(first, torch.Tensor):
+            return (first,)
+        if isinstance(first, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in first):
+            return tuple(first)
+    raise QuantizationConfigError(
+        f"each batch of representative data must be a tensor or an (inputs, targets) pair, got {type(batch).__name__}"
+    )
+
+
+def holders_of(model: nn.Module) -> dict[str, PytorchTrainableActivationQuantizationHolder]:
+    """The trainable activation holders of `model` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, PytorchTrainableActivationQuantizationHolder)}
+
+
+@torch.no_grad()
+def observe_holders(
+    model: nn.Module, data: Iterable[Any], num_batches: int | None, calibration: str, progress: bool
+) -> dict[str, ActivationObserver]:
+    """Run `data` through `model` in eval mode with every holder passing its input through unquantized, and
+    return what each holder saw."""
+    holders = holders_of(model)
+    observers = {name: ActivationObserver(calibration) for name in holders}
+    handles = []
+    for name, holder in holders.items():
+        handles.append(holder.register_forward_pre_hook(
+            lambda module, args, observer=observers[name]: observer.update(args[0].detach().float().cpu().numpy())
+        ))
+        # Returning the input from a forward hook makes the holder an identity while calibrating.
+        handles.append(holder.register_forward_hook(lambda module, args, output: args[0]))
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        total = num_batches if num_batches is not None else (len(data) if hasattr(data, "__len__") else None)
+        for index, batch in enumerate(tqdm(data, total=total, desc="calibration", disable=not progress)):
+            if num_batches is not None and index >= num_batches:
+                break
+            inputs = tuple(t.to(device) for t in model_inputs(batch))
+            try:
+                model(*inputs)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                shapes = [tuple(t.shape) for t in inputs]
+                raise QuantizationConfigError(
+                    f"representative data batch {index} (input shapes {shapes}) does not run through the model: "
+                    f"{str(exc).splitlines()[0]}"
+                ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if any(observer.count == 0 for observer in observers.values()):
+        raise QuantizationConfigError("representative data is empty: no batch reached the activation quantizers")
+    return observers
+
+
+def calibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_batches: int | None = None,
+    calibration: str = "minmax",
+    *,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Set the activation quantizers' parameters of a QAT model from data, in place.
+
+    Each holder's threshold (or range) is fitted to the values that reach it, with activation quantization
+    switched off while observing. The quantizers keep their signedness; a warning names any unsigned one that
+    saw negative values. Returns {holder name: new parameters}.
+
+    Args:
+        model: a model made by `quantize_model`.
+        data: batches (tensors or (inputs, targets) pairs).
+        num_batches: how many batches to use (None: all).
+        calibration: "minmax" or "mse" (see `QATConfig.activation_calibration`).
+        progress: show a progress bar.
+    """
+    if not isinstance(model, nn.Module):
+        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    holders = holders_of(model)
+    if not holders:
+        raise QuantizationConfigError(
+            "model has no trainable activation quantizers; make it with quantize_model first"
+        )
+    observers = observe_holders(model, data, num_batches, calibration, progress)
+    updated = {}
+    for name, holder in holders.items():
+        quantizer = holder.activation_holder_quantizer
+        params = quantizer.params
+        method = quantizer.quantization_config.activation_quantization_method
+        new = observers[name].quant_params(method, params.n_bits, params.min_threshold)
+        with torch.no_grad():
+            if method is QuantizationMethod.UNIFORM:
+                quantizer.range_min.fill_(new["range_min"])
+                quantizer.range_max.fill_(new["range_max"])
+            else:
+                quantizer.threshold.fill_(new["threshold"])
+                if new["is_signed"] and not params.signed:
+                    warnings.warn(
+                        f"{name} quantizes unsigned but saw values down to {observers[name].minimum:.4g}; they clip "
+                        "at 0", stacklevel=2,
+                    )
+        updated[name] = new
+    return updated

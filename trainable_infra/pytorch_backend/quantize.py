@@ -1,0 +1,325 @@
+"""`quantize_model`: a QAT-ready copy of a float PyTorch model.
+
+Weights of convolutions, transposed convolutions and linear layers are wrapped; activation holders go on the
+model inputs, after each quantized layer's activation (through BatchNorm), and after additions and
+concatenations. The graph comes from `torch.fx`; a model that does not trace is wrapped module by module.
+
+A holder's signedness follows the architecture, not the data (unsigned after ReLU, ReLU6 and sigmoid, signed
+elsewhere), so a model rebuilt by `quantize_model` from the same float model and config always takes the
+`state_dict` of a trained one; representative data sets the thresholds and ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
+from torch import fx, nn
+
+from trainable_infra.common.calibration import default_activation_params, weight_quant_params
+from trainable_infra.common.config import TrainableQuantizerActivationConfig, TrainableQuantizerWeightsConfig
+from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.mct import QuantizationTarget
+from trainable_infra.common.qat_config import LayerSettings, QATConfig
+from trainable_infra.common.resolver import get_trainable_quantizer_class
+from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
+from trainable_infra.pytorch_backend.calibrate import calibrate
+from trainable_infra.pytorch_backend.wrappers import (
+    PytorchTrainableActivationQuantizationHolder,
+    PytorchTrainableQuantizationWrapper,
+)
+
+QUANTIZABLE_LAYERS: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+}
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Activations whose output is never negative: the holder after them is unsigned.
+_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
+_NON_NEGATIVE_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_NON_NEGATIVE_METHODS = {"relu", "relu_", "sigmoid"}
+_ACTIVATION_MODULES = (
+    *_NON_NEGATIVE_MODULES, nn.LeakyReLU, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Tanh, nn.Hardswish, nn.ELU, nn.Mish,
+    nn.PReLU,
+)
+_ACTIVATION_FUNCTIONS = {
+    *_NON_NEGATIVE_FUNCTIONS, F.leaky_relu, F.gelu, F.silu, torch.tanh, F.tanh, F.hardswish, F.hardtanh, F.elu,
+}
+_ACTIVATION_METHODS = {*_NON_NEGATIVE_METHODS, "tanh"}
+# Functional ops whose outputs are quantized (they are where residual branches and concatenations meet).
+_MERGE_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat}
+_MERGE_METHODS = {"add", "add_"}
+
+
+def _check_arguments(model: Any, qat_config: Any, num_calibration_batches: Any) -> QATConfig:
+    if not isinstance(model, nn.Module):
+        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if qat_config is None:
+        qat_config = QATConfig()
+    if not isinstance(qat_config, QATConfig):
+        raise QuantizationConfigError(f"qat_config must be a QATConfig, got {qat_config!r}")
+    if num_calibration_batches is not None and (
+        isinstance(num_calibration_batches, bool) or not isinstance(num_calibration_batches, int)
+        or num_calibration_batches < 1
+    ):
+        raise QuantizationConfigError(
+            f"num_calibration_batches must be a positive int or None (all batches), got {num_calibration_batches!r}"
+        )
+    if qat_config.layer_types is not None:
+        unknown = sorted(set(qat_config.layer_types) - set(QUANTIZABLE_LAYERS))
+        if unknown:
+            raise QuantizationConfigError(
+                f"layer_types names {unknown}, which the PyTorch backend cannot quantize; "
+                f"supported: {sorted(QUANTIZABLE_LAYERS)}"
+            )
+    return qat_config
+
+
+def _layer_types(config: QATConfig) -> tuple[type[nn.Module], ...]:
+    names = config.layer_types if config.layer_types is not None else tuple(QUANTIZABLE_LAYERS)
+    return tuple(QUANTIZABLE_LAYERS[name] for name in names)
+
+
+def weight_channel_axis(module: nn.Module) -> int:
+    """The output-channel axis of a layer's weight (1 for transposed convolutions, else 0)."""
+    return 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+
+
+def make_wrapper(module: nn.Module, settings: LayerSettings, config: QATConfig) -> PytorchTrainableQuantizationWrapper:
+    """Wrap `module`'s weight with the quantizer `settings` ask for, initialised from the weight."""
+    method = settings.weight_quantization_method
+    axis = weight_channel_axis(module) if settings.weight_per_channel else None
+    params = weight_quant_params(
+        module.weight.detach().cpu().numpy(), method, settings.weight_n_bits, axis, config.weight_init,
+        config.min_threshold,
+    )
+    quantizer_config = TrainableQuantizerWeightsConfig(
+        method, settings.weight_n_bits, params, True, axis, settings.weight_per_channel, config.min_threshold
+    )
+    cls = get_trainable_quantizer_class(
+        QuantizationTarget.Weights, settings.weight_training_method, method, BasePytorchTrainableQuantizer
+    )
+    return PytorchTrainableQuantizationWrapper(module, {"weight": cls(quantizer_config)})
+
+
+def make_holder(
+    settings: LayerSettings, config: QATConfig, params: dict
+) -> PytorchTrainableActivationQuantizationHolder:
+    """An activation holder with the quantizer `settings` ask for and the given parameters."""
+    method = settings.activation_quantization_method
+    quantizer_config = TrainableQuantizerActivationConfig(
+        method, settings.activation_n_bits, params, True, config.min_threshold
+    )
+    cls = get_trainable_quantizer_class(
+        QuantizationTarget.Activation, settings.activation_training_method, method, BasePytorchTrainableQuantizer
+    )
+    return PytorchTrainableActivationQuantizationHolder(cls(quantizer_config))
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _check_overrides(config: QATConfig, names: Iterable[str]) -> None:
+    names = list(names)
+    for override in config.overrides:
+        if not any(fnmatchcase(name, override.pattern) for name in names):
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise QuantizationConfigError(
+                f"override pattern {override.pattern!r} matches no layer of the model; its layers are: {shown}"
+            )
+
+
+# --- torch.fx path ------------------------------------------------------------------------------------------
+
+
+def _is_batch_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(node.target), _BATCH_NORMS)
+
+
+def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _ACTIVATION_MODULES)
+    if node.op == "call_function":
+        return node.target in _ACTIVATION_FUNCTIONS
+    return node.op == "call_method" and node.target in _ACTIVATION_METHODS
+
+
+def _is_non_negative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _NON_NEGATIVE_MODULES)
+    if node.op == "call_function":
+        return node.target in _NON_NEGATIVE_FUNCTIONS
+    return node.op == "call_method" and node.target in _NON_NEGATIVE_METHODS
+
+
+def _is_merge(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MERGE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MERGE_METHODS
+    )
+
+
+def _chain_end(node: fx.Node, modules: dict[str, nn.Module], through_batch_norm: bool) -> fx.Node:
+    """The last node of `node` -> [BatchNorm] -> [activation] where each step is the only user of the last."""
+    current = node
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        if (through_batch_norm and _is_batch_norm(user, modules)) or _is_activation(user, modules):
+            current = user
+            through_batch_norm = False  # BatchNorm only right after the layer
+            if _is_activation(user, modules):
+                break
+        else:
+            break
+    return current
+
+
+def _holder_name(base: str, taken: set[str]) -> str:
+    name = f"{base.replace('.', '_')}_activation_quantizer"
+    unique, index = name, 1
+    while unique in taken:
+        unique, index = f"{name}_{index}", index + 1
+    taken.add(unique)
+    return unique
+
+
+def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[LayerSettings, bool]]:
+    """Wrap layers and insert holders in a traced model; returns {holder name: (settings, signed)}."""
+    modules = dict(gm.named_modules())
+    layer_types = _layer_types(config)
+    graph = gm.graph
+    _check_overrides(config, [*modules, *(node.name for node in graph.nodes)])
+
+    outputs: list[tuple[fx.Node, str]] = []  # (node whose output is quantized, name its settings come from)
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.users:
+            outputs.append((node, node.name))
+        elif node.op == "call_module" and isinstance(modules.get(node.target), layer_types):
+            settings = config.for_layer(node.target)
+            if settings.skip:
+                continue
+            _set_submodule(gm, node.target, make_wrapper(modules[node.target], settings, config))
+            outputs.append((_chain_end(node, modules, through_batch_norm=True), node.target))
+        elif _is_merge(node):
+            outputs.append((_chain_end(node, modules, through_batch_norm=False), node.name))
+
+    holders: dict[str, tuple[LayerSettings, bool]] = {}
+    if not config.quantize_activations:
+        return holders
+    taken = set(modules)
+    done: set[fx.Node] = set()
+    for end, base in outputs:
+        settings = config.for_layer(base)
+        if end in done or settings.skip:
+            continue
+        done.add(end)
+        name = _holder_name(base, taken)
+        signed = not _is_non_negative(end, modules)
+        gm.add_submodule(name, make_holder(settings, config, default_activation_params(
+            settings.activation_quantization_method, signed)))
+        anchor = placeholders[-1] if end.op == "placeholder" else end
+        with graph.inserting_after(anchor):
+            holder = graph.call_module(name, (end,))
+        end.replace_all_uses_with(holder, delete_user_cb=lambda user, holder=holder: user is not holder)
+        holders[name] = (settings, signed)
+    return holders
+
+
+# --- module-level fallback -----------------------------------------------------------------------------------
+
+
+class _ActivationThenQuantize(nn.Sequential):
+    """An activation module followed by its holder (used when the model cannot be traced)."""
+
+
+def _quantize_modules(model: nn.Module, config: QATConfig, reason: str) -> dict[str, tuple[LayerSettings, bool]]:
+    layer_types = _layer_types(config)
+    named = dict(model.named_modules())
+    _check_overrides(config, named)
+    wrapped, holders = [], {}
+    taken = set(named)
+    for name, module in named.items():
+        if isinstance(module, layer_types):
+            settings = config.for_layer(name)
+            if not settings.skip:
+                _set_submodule(model, name, make_wrapper(module, settings, config))
+                wrapped.append(name)
+        elif config.quantize_activations and isinstance(module, _ACTIVATION_MODULES):
+            settings = config.for_layer(name)
+            if settings.skip:
+                continue
+            signed = not isinstance(module, _NON_NEGATIVE_MODULES)
+            holder = make_holder(settings, config, default_activation_params(
+                settings.activation_quantization_method, signed))
+            _set_submodule(model, name, _ActivationThenQuantize(module, holder))
+            holders[f"{name}.1"] = (settings, signed)
+            taken.add(name)
+    warnings.warn(
+        f"{type(model).__name__} could not be traced by torch.fx ({reason}); quantized module by module: the weights "
+        f"of {len(wrapped)} layers and the outputs of {len(holders)} activation modules. Not quantized: the model "
+        "inputs and functional operations in forward (additions, concatenations, F.relu and the like).",
+        stacklevel=3,
+    )
+    return holders
+
+
+def quantize_model(
+    model: nn.Module,
+    qat_config: QATConfig | None = None,
+    representative_data: Iterable[Any] | None = None,
+    num_calibration_batches: int | None = None,
+    *,
+    progress: bool = True,
+) -> nn.Module:
+    """Return a QAT-ready copy of `model` (which is not changed).
+
+    Args:
+        model: a float `torch.nn.Module`.
+        qat_config: what to quantize and how (default `QATConfig()`: W8A8 per-channel symmetric STE).
+        representative_data: batches to calibrate activation parameters with: tensors, or (inputs, targets)
+            pairs as a DataLoader gives. Without it, activations start at a threshold of 8 and a warning says so.
+        num_calibration_batches: how many batches to use (None: all).
+        progress: show a progress bar while calibrating.
+
+    Returns:
+        A `torch.fx.GraphModule` (or, for a model torch.fx cannot trace, a copy quantized module by module, with
+        a warning naming what is not quantized). Its layers keep their names; weights sit under
+        `<layer>.module.weight`, quantizer parameters under `<layer>.weight_threshold` and
+        `<layer>_activation_quantizer.activation_threshold` (or `..._range_min` / `..._range_max`).
+    """
+    config = _check_arguments(model, qat_config, num_calibration_batches)
+    qat_model = copy.deepcopy(model)
+    try:
+        traced = fx.symbolic_trace(qat_model)
+    except Exception as exc:  # torch.fx raises many kinds; any of them means the model cannot be traced
+        holders = _quantize_modules(qat_model, config, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    else:
+        traced.train(model.training)
+        qat_model = traced
+        holders = _quantize_graph(qat_model, config)
+        qat_model.recompile()
+    if not any(isinstance(m, PytorchTrainableQuantizationWrapper) for m in qat_model.modules()) and not holders:
+        raise QuantizationConfigError(
+            f"{type(model).__name__} has no layer to quantize: no {', '.join(t.__name__ for t in _layer_types(config))}"
+            " (or all were skipped by the config)"
+        )
+    if not holders:
+        return qat_model
+    if representative_data is None:
+        warnings.warn(
+            "quantize_model got no representative_data: activation quantizers start at a threshold of 8 "
+            "(range [-8, 8], or [0, 8] after ReLU); call calibrate(model, data) or pass representative_data",
+            stacklevel=2,
+        )
+        return qat_model
+    calibrate(qat_model, representative_data, num_calibration_batches, config.activation_calibration,
+              progress=progress)
+    return qat_model
