@@ -111,7 +111,7 @@ def calibrate(
         quantizer = holder.activation_holder_quantizer
         params = quantizer.params
         method = quantizer.quantization_config.activation_quantization_method
-        new = observers[name].quant_params(method, params.n_bits, params.min_threshold)
+        new = observers[name].quant_params(method, params.n_bits, quantizer.quantization_config.min_threshold)
         with torch.no_grad():
             if method is QuantizationMethod.UNIFORM:
                 quantizer.range_min.fill_(new["range_min"])

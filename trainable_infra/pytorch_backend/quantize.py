@@ -306,7 +306,7 @@ def quantize_model(
         qat_model = traced
         holders = _quantize_graph(qat_model, config)
         qat_model.recompile()
-    if not any(isinstance(m, PytorchTrainableQuantizationWrapper) for m in qat_model.modules()) and not holders:
+    if not any(isinstance(m, PytorchTrainableQuantizationWrapper) for m in qat_model.modules()):
         raise QuantizationConfigError(
             f"{type(model).__name__} has no layer to quantize: no {', '.join(t.__name__ for t in _layer_types(config))}"
             " (or all were skipped by the config)"
