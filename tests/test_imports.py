@@ -84,4 +84,4 @@ def test_demo_command_runs():
         [sys.executable, "-m", "trainable_infra", "demo", "--help"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    assert "demo" in result.stdout
+    assert "--weight-bits" in result.stdout
