@@ -86,19 +86,23 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
 
     return step
 
 
-def measure(method: TrainingMethod, steps: int, warmup: int, batch: int, compile_models: bool) -> dict:
+def measure(method: TrainingMethod, steps: int, warmup: int, batch: int, compile_models: bool,
+            device: str = "cpu") -> dict:
     """Median step times (ms) of the float and the QAT model, interleaved."""
     torch.manual_seed(0)
     float_model = float_cnn()
     qat_model = qat_cnn(copy.deepcopy(float_model), method)
+    float_model, qat_model = float_model.to(device), qat_model.to(device)
     if compile_models:
         float_model, qat_model = torch.compile(float_model), torch.compile(qat_model)
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     runs = {"float": make_step(float_model, x, y), "qat": make_step(qat_model, x, y)}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(warmup + steps):
@@ -120,12 +124,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     np.random.seed(0)
-    result = measure(TrainingMethod[args.method], args.steps, args.warmup, args.batch, args.compile)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.method}, "
-          f"median of {args.steps} interleaved steps")
+    result = measure(TrainingMethod[args.method], args.steps, args.warmup, args.batch, args.compile, args.device)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch}, {args.method}"
+          f"{', compiled' if args.compile else ''}, median of {args.steps} interleaved steps")
     print(f"float {result['float']:.2f} ms/step | QAT {result['qat']:.2f} ms/step | ratio {result['ratio']:.3f}x")
 
 

@@ -6,6 +6,9 @@ import numpy as np
 
 # |frac(u) - 0.5| below this counts as "within float rounding of a tie" for |u| <= 2^16 in float32.
 TIE_TOLERANCE = 1e-2
+# Fused kernels may round the final product (k - z)·Δ differently from the reference's float32 ops: torch's
+# CUDA kernel by up to 1 ulp, TensorFlow's op (whose step is (max - min)/(2^n - 1)) by up to 2.
+ULPS = 4
 
 
 def near_ties(steps: np.ndarray) -> np.ndarray:
@@ -14,8 +17,8 @@ def near_ties(steps: np.ndarray) -> np.ndarray:
     return np.abs(steps - np.floor(steps) - 0.5) < TIE_TOLERANCE
 
 
-def assert_rule2(actual, expected, steps, delta, case: str) -> float:
-    """Assert rule 2: equal, except near a tie where the two may differ by one step Δ.
+def assert_rule2(actual, expected, steps, delta, case: str, ulps: int = ULPS) -> float:
+    """Assert rule 2: equal up to `ulps` float32 ulps, except near a tie where one step Δ is allowed.
 
     Returns the largest difference away from ties (0.0 when the match is exact).
     """
@@ -24,8 +27,10 @@ def assert_rule2(actual, expected, steps, delta, case: str) -> float:
     delta = np.broadcast_to(np.asarray(delta, dtype=np.float64), actual.shape)
     diff = np.abs(actual - expected)
     ties = near_ties(steps)
-    one_step = np.abs(diff - delta) <= 1e-5 * delta
-    bad = ~((diff == 0) | (ties & one_step))
+    spacing = np.spacing(np.maximum(np.abs(expected), np.abs(actual)).astype(np.float32))
+    rounding = diff <= ulps * spacing
+    one_step = np.abs(diff - delta) <= 1e-5 * delta + ulps * spacing
+    bad = ~(rounding | (ties & one_step))
     if bad.any():
         index = tuple(np.argwhere(bad)[0])
         raise AssertionError(

@@ -41,6 +41,8 @@ QUANTIZERS = {
     (TrainingMethod.LSQ, "activation", True): LSQUniformActivationQuantizer,
 }
 MIN_THRESHOLD = 2.0**-16
+# CPU always; CUDA too where a GPU is present (the fused kernels are the CUDA path).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +102,8 @@ def _params(case: Case, rng: np.random.Generator) -> dict:
     return params
 
 
-def build(case: Case, seed: int = 0):
-    """The quantizer of `case`, initialized on a bare module, and the numpy view of its parameters."""
+def build(case: Case, seed: int = 0, device: str = "cpu"):
+    """The quantizer of `case`, initialized on a bare module on `device`, and the numpy view of its parameters."""
     rng = np.random.default_rng(seed)
     params = _params(case, rng)
     if case.target == "weights":
@@ -114,6 +116,7 @@ def build(case: Case, seed: int = 0):
     quantizer = QUANTIZERS[(case.training, case.target, case.method is UNI)](config)
     layer = torch.nn.Module()
     quantizer.initialize_quantization(case.shape if case.target == "weights" else None, "t", layer)
+    layer.to(device)
     return quantizer, layer, params
 
 
@@ -164,39 +167,43 @@ def probe(case: Case, ref_delta: np.ndarray, params: dict, seed: int = 1) -> np.
     return probe_inputs(rng, case.shape, ref_delta, low, high)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_eval_output_is_bit_identical_to_inferable(case):
-    quantizer, _, params = build(case)
+def test_eval_output_is_bit_identical_to_inferable(case, device):
+    quantizer, _, params = build(case, device=device)
     grid = reference(case, params, np.zeros(case.shape, np.float32))
-    x = torch.from_numpy(probe(case, grid["delta"], params))
+    x = torch.from_numpy(probe(case, grid["delta"], params)).to(device)
     trained = quantizer(x, training=False)
     deployed = quantizer.convert2inferable()(x.clone())
     assert torch.equal(trained, deployed), f"{case.id}: max |Δ| {float((trained - deployed).abs().max())}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_training_forward_matches_reference(case):
-    quantizer, _, params = build(case)
+def test_training_forward_matches_reference(case, device):
+    quantizer, _, params = build(case, device=device)
     x_np = probe(case, reference(case, params, np.zeros(case.shape, np.float32))["delta"], params)
     ref = reference(case, params, x_np)
-    out = quantizer(torch.from_numpy(x_np).requires_grad_(), training=True).detach().numpy()
+    x = torch.from_numpy(x_np).to(device)
+    out = quantizer(x.clone().requires_grad_(), training=True).detach().cpu().numpy()
     assert_rule2(out, ref["forward"], ref["steps"], ref["delta"], case.id)
-    np.testing.assert_array_equal(out, quantizer(torch.from_numpy(x_np), training=False).numpy())
+    np.testing.assert_array_equal(out, quantizer(x, training=False).cpu().numpy())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_gradients_match_reference(case):
-    quantizer, _, params = build(case)
+def test_gradients_match_reference(case, device):
+    quantizer, _, params = build(case, device=device)
     rng = np.random.default_rng(2)
     grid = reference(case, params, np.zeros(case.shape, np.float32))
     # Random values only (no constructed ties): the parameter gradient sums rounding errors, which a tie flips.
     x_np = probe(case, grid["delta"], params)
     x_np = np.where(np.abs(x_np) >= 1e6, x_np, (x_np + rng.uniform(-1e-3, 1e-3, x_np.shape)).astype(np.float32))
     grad_out = rng.normal(size=case.shape).astype(np.float32)
-    x = torch.from_numpy(x_np).requires_grad_()
-    quantizer(x, training=True).backward(torch.from_numpy(grad_out))
+    x = torch.from_numpy(x_np).to(device).requires_grad_()
+    quantizer(x, training=True).backward(torch.from_numpy(grad_out).to(device))
     ref = reference_grads(case, params, x_np, grad_out)
-    np.testing.assert_array_equal(x.grad.numpy(), ref["input"], err_msg=f"{case.id}: input gradient")
+    np.testing.assert_array_equal(x.grad.cpu().numpy(), ref["input"], err_msg=f"{case.id}: input gradient")
     names = ["range_min", "range_max"] if case.method is UNI else ["threshold"]
     learning = []
     for name in names:
@@ -205,10 +212,10 @@ def test_gradients_match_reference(case):
             assert variable.grad is None, f"{case.id}: STE {name} must not be trained"
             continue
         expected = np.asarray(ref[name], np.float64).reshape(-1)
-        np.testing.assert_allclose(variable.grad.numpy(), expected, rtol=1e-5, atol=1e-6,
-                                   err_msg=f"{case.id}: gradient of {name}")
+        grad = variable.grad.cpu().numpy()
+        np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6, err_msg=f"{case.id}: gradient of {name}")
         # A range end clamped to 0 (range_min > 0 or range_max < 0) is the one parameter without a gradient.
-        assert np.any(variable.grad.numpy() != 0) == np.any(expected != 0), f"{case.id}: {name}"
+        assert np.any(grad != 0) == np.any(expected != 0), f"{case.id}: {name}"
         learning.append(np.any(expected != 0))
     if case.training is TrainingMethod.LSQ:
         assert any(learning), f"{case.id}: no quantization parameter receives a gradient"
@@ -247,9 +254,10 @@ def test_uniform_inferable_gets_the_trained_zero_point():
         quantizer.range_max.fill_(0.3504363)
     delta, zero_point = quantizer.grid()
     assert int(zero_point) == 225
-    # mct-quantizers' own derivation from this (exact) adjusted range truncates the zero point to 224.
     d, z = float(delta), float(zero_point)
-    assert int(WeightsUniformInferableQuantizer(8, [-z * d], [(255 - z) * d], False).zero_points) == 224
+    if not torch.cuda.is_available():  # mct-quantizers derives it on the GPU when there is one
+        # Its own float32 derivation from this (exact) adjusted range truncates the zero point to 224.
+        assert int(WeightsUniformInferableQuantizer(8, [-z * d], [(255 - z) * d], False).zero_points) == 224
     inferable = quantizer.convert2inferable()
     assert torch.equal(inferable.zero_points, zero_point)
     x = torch.linspace(-4, 4, 1001)

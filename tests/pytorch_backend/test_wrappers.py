@@ -130,7 +130,8 @@ def test_torch_compile_matches_eager():
     compiled_out.sum().backward()
     compiled_params = dict(compiled.named_parameters())
     for name, parameter in model.named_parameters():
-        torch.testing.assert_close(compiled_params[f"_orig_mod.{name}"].grad, parameter.grad)
+        # Gradients are sums: a compiled reduction may add in another order.
+        torch.testing.assert_close(compiled_params[f"_orig_mod.{name}"].grad, parameter.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,10 @@ def fake_quantize(
 
 def ste_input_grad(grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """`grad` where low <= x <= high (inclusive, on the unrounded input), 0 elsewhere."""
-    if x.device.type == "cpu" and low.numel() == 1 and x.dtype == low.dtype and not torch.compiler.is_compiling():
+    # Only for real CPU tensors in eager mode: the bounds are read to Python numbers, which tracing (fake and
+    # functional tensor subclasses under torch.compile) cannot do.
+    eager = type(x) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+    if eager and x.device.type == "cpu" and low.numel() == 1 and x.dtype == low.dtype:
         # One fused CPU kernel instead of comparisons and a select on bool tensors (about 20x slower here).
         # hardtanh's backward keeps the open interval (low, high): widen it by one ulp to include the ends.
         below = torch.nextafter(low, torch.full_like(low, -torch.inf)).item()

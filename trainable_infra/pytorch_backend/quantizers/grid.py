@@ -51,6 +51,18 @@ def register_variable(layer: Any, name: str, value: np.ndarray, trainable: bool)
     return parameter
 
 
+def _on_device(quantizer: Any, device: torch.device) -> Any:
+    """Move an inferable quantizer's tensors to `device`.
+
+    mct-quantizers puts them on CUDA whenever a GPU exists; the converted model should work where the
+    trained one ran.
+    """
+    for name, value in list(vars(quantizer).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(quantizer, name, value.to(device))
+    return quantizer
+
+
 class _Grid:
     """What both grids share: reading the config and the tensor layout it implies."""
 
@@ -119,8 +131,9 @@ class SymmetricGrid(_Grid):
         p = self.params
         if self.quantization_target is QuantizationTarget.Weights:
             cls = WeightsPOTInferableQuantizer if p.power_of_two else WeightsSymmetricInferableQuantizer
-            return cls(num_bits=p.n_bits, threshold=threshold, per_channel=self.axis is not None,
-                       channel_axis=self.axis)
+            quantizer = cls(num_bits=p.n_bits, threshold=threshold, per_channel=self.axis is not None,
+                            channel_axis=self.axis)
+            return _on_device(quantizer, self.threshold.device)
         cls = ActivationPOTInferableQuantizer if p.power_of_two else ActivationSymmetricInferableQuantizer
         return cls(num_bits=p.n_bits, threshold=threshold, signed=p.signed)
 
@@ -163,9 +176,8 @@ class UniformGrid(_Grid):
                 num_bits=n_bits, min_range=low, max_range=high, per_channel=self.axis is not None,
                 channel_axis=self.axis,
             )
-            quantizer.scales = delta.to(quantizer.scales.device).clone()
-            quantizer.zero_points = zero_point.to(quantizer.zero_points.device).clone()
-            return quantizer
+            quantizer.scales, quantizer.zero_points = delta.clone(), zero_point.clone()
+            return _on_device(quantizer, delta.device)
         quantizer = ActivationUniformInferableQuantizer(num_bits=n_bits, min_range=low, max_range=high)
         quantizer.scale, quantizer.zero_point = float(delta[0]), int(zero_point[0])
         return quantizer
