@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,11 +27,12 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert test_command in ci_lines
 
 
-def test_readme_python_example_runs(capsys):
+def test_readme_python_example_runs():
+    pytest.importorskip("torch")
+    from mct_quantizers import PytorchQuantizationWrapper
+
     (example,) = readme_blocks("python")
-    exec(compile(example, "README.md", "exec"), {"__name__": "readme"})
-    printed = capsys.readouterr().out
-    values = np.array([float(v) for v in re.findall(r"-?\d+\.\d*", printed)])
-    assert values.size == 4
-    # Channel 0 (t = 0.5, Δ = 1/16) and channel 1 (t = 1, Δ = 1/8) of the example.
-    np.testing.assert_allclose(values, [0.1875, -0.5, 0.375, 0.875])
+    namespace = {"__name__": "readme"}
+    exec(compile(example, "README.md", "exec"), namespace)  # the example asserts its own promise
+    wrapped = [m for m in namespace["inference_model"].modules() if isinstance(m, PytorchQuantizationWrapper)]
+    assert len(wrapped) == 2
