@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 
 from trainable_infra.common.calibration import ActivationObserver
 from trainable_infra.common.errors import QuantizationConfigError
-from trainable_infra.common.mct import QuantizationMethod
 from trainable_infra.pytorch_backend.wrappers import PytorchTrainableActivationQuantizationHolder
 
 
@@ -109,19 +108,25 @@ def calibrate(
     updated = {}
     for name, holder in holders.items():
         quantizer = holder.activation_holder_quantizer
-        params = quantizer.params
-        method = quantizer.quantization_config.activation_quantization_method
-        new = observers[name].quant_params(method, params.n_bits, quantizer.quantization_config.min_threshold)
+        config = quantizer.quantization_config
+        new = observers[name].quant_params(
+            config.activation_quantization_method, config.activation_n_bits, config.min_threshold
+        )
+        # Parameters are found by their registered names (threshold, range_min, range_max), so quantizers
+        # written outside the library calibrate too.
+        new = {key: value for key, value in new.items() if key == "is_signed" or key in quantizer.quantizer_parameters}
+        if set(new) <= {"is_signed"}:
+            warnings.warn(f"{name}: {type(quantizer).__name__} registers no threshold, range_min or range_max "
+                          "variable; not calibrated", stacklevel=2)
+            continue
         with torch.no_grad():
-            if method is QuantizationMethod.UNIFORM:
-                quantizer.range_min.fill_(new["range_min"])
-                quantizer.range_max.fill_(new["range_max"])
-            else:
-                quantizer.threshold.fill_(new["threshold"])
-                if new["is_signed"] and not params.signed:
-                    warnings.warn(
-                        f"{name} quantizes unsigned but saw values down to {observers[name].minimum:.4g}; they clip "
-                        "at 0", stacklevel=2,
-                    )
+            for key, value in new.items():
+                if key != "is_signed":
+                    quantizer.get_quantizer_variable(key).fill_(value)
+        if new.get("is_signed") and not config.activation_quantization_params.get("is_signed", True):
+            warnings.warn(
+                f"{name} quantizes unsigned but saw values down to {observers[name].minimum:.4g}; they clip at 0",
+                stacklevel=2,
+            )
         updated[name] = new
     return updated
