@@ -10,8 +10,12 @@ import torch
 from torch import nn
 
 from tests.pytorch_backend.models import activation_holder, digits, qat_cnn, snapshot, train, wrap
+from tests.pytorch_backend.test_quantizers import CASES, build
 from trainable_infra import TrainingMethod, VariableGroup
-from trainable_infra.pytorch_backend import PytorchTrainableQuantizationWrapper
+from trainable_infra.pytorch_backend import (
+    PytorchTrainableActivationQuantizationHolder,
+    PytorchTrainableQuantizationWrapper,
+)
 
 
 def quantizers(model: nn.Module) -> list:
@@ -167,3 +171,29 @@ def test_bias_can_be_quantized_too():
     assert {"weight_threshold", "bias_threshold"} <= set(wrapped.state_dict())
     wrapped(torch.randn(2, 5)).sum().backward()
     assert module.bias.grad is not None
+
+
+FULLGRAPH_CASES = [c for c in CASES if c.n_bits == 4 and c.layout in ("per-channel-axis0", "per-tensor", "signed",
+                                                                        "straddling")]
+
+
+@pytest.mark.parametrize("case", FULLGRAPH_CASES, ids=[c.id for c in FULLGRAPH_CASES])
+def test_every_quantizer_compiles_without_graph_breaks(case):
+    torch._dynamo.reset()  # each case is a new model of the same classes: start from a clean cache
+    quantizer, _, _ = build(case)
+    fresh = type(quantizer)(quantizer.quantization_config)
+    if case.target == "weights":
+        module = nn.Conv2d(3, 6, (3, 4))
+        module.weight = nn.Parameter(torch.randn(case.shape))
+        model = PytorchTrainableQuantizationWrapper(module, {"weight": fresh})
+        x = torch.randn(2, 3, 5, 6)
+    else:
+        model = PytorchTrainableActivationQuantizationHolder(fresh)
+        x = torch.randn(case.shape)
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True, backend="aot_eager")
+    x = x.requires_grad_()
+    compiled(x).sum().backward()
+    eager_x = x.detach().clone().requires_grad_()
+    model(eager_x).sum().backward()
+    assert torch.equal(compiled(x), model(x))
+    torch.testing.assert_close(x.grad, eager_x.grad)
