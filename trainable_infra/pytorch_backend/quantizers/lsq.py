@@ -25,10 +25,22 @@ from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, Unifo
 _SYMMETRIC_METHODS = [QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO]
 
 
-def _reduce(grad: torch.Tensor, dims: tuple[int, ...] | None, like: torch.Tensor) -> torch.Tensor:
-    """Sum a per-element parameter gradient to the parameter's C-length shape and dtype."""
-    total = grad.sum() if dims is None else grad.sum(dim=dims)
-    return total.reshape(like.shape).to(like.dtype)
+def _sum(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
+    """Σ a·b over everything (per-tensor) or over `dims` (per-channel)."""
+    if dims is None:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum(dim=dims)
+
+
+def _steps(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, q: Any) -> tuple[torch.Tensor, ...]:
+    """c = clip(x/Δ + z, q_min, q_max) and e = round(c) - c.
+
+    For x inside the range e is the rounding error r - u of LSQ's ∂Q/∂Δ; outside it is 0 and c is the clipping
+    level. Every per-element term of the LSQ gradients is a product of these with the upstream gradient, so
+    the backward pass is a few float kernels and dot products, no masks.
+    """
+    c = (x * torch.reciprocal(delta.view(q.view))).add_(zero_point.view(q.view)).clamp_(q.q_min, q.q_max)
+    return c, torch.round(c).sub_(c)
 
 
 class _LSQSymmetricFunction(torch.autograd.Function):
@@ -43,19 +55,19 @@ class _LSQSymmetricFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor):
         x, threshold, delta, zero_point = ctx.saved_tensors
         q = ctx.q
-        # Recomputed rather than saved: one cheap kernel instead of holding a second activation-sized tensor.
-        y = q.fake_quantize(x, delta, zero_point)
         low, high = q.bounds(delta, zero_point)
-        below, above = x < low, x > high
-        grad_x = ste_input_grad(grad_output, x, low, high) if ctx.needs_input_grad[0] else None
+        grad_x = ste_input_grad(grad_output, x, low, high)
         grad_threshold = None
         if ctx.needs_input_grad[1]:
-            d_delta = torch.where(below, q.q_min, torch.where(above, q.q_max, (y - x) / delta.view(q.view)))
-            grad = _reduce(grad_output * d_delta, q.reduce_dims, threshold) * (ctx.grad_scale / q.steps)
+            c, error = _steps(x.float(), delta, zero_point, q)
+            g = grad_output.float()
+            # ∂Q/∂Δ = e inside and the clipping level c outside, where the straight-through gradient is 0.
+            d_delta = _sum(g, error, q.reduce_dims) + _sum(g - grad_x.float(), c, q.reduce_dims)
+            grad = d_delta.reshape(threshold.shape).to(threshold.dtype) * (ctx.grad_scale / q.steps)
             # max(threshold, min_threshold) passes the gradient only where it is not clamped; the
             # power-of-two rounding passes it straight through.
             grad_threshold = grad * (threshold >= q.params.min_threshold)
-        return grad_x, grad_threshold, None, None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_threshold, None, None
 
 
 class _LSQUniformFunction(torch.autograd.Function):
@@ -71,23 +83,25 @@ class _LSQUniformFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor):
         x, range_min, range_max, delta, zero_point = ctx.saved_tensors
         q = ctx.q
-        y = q.fake_quantize(x, delta, zero_point)
         low, high = q.bounds(delta, zero_point)
-        below, above = x < low, x > high
-        inside = ~(below | above)
-        grad_x = ste_input_grad(grad_output, x, low, high) if ctx.needs_input_grad[0] else None
+        grad_x = ste_input_grad(grad_output, x, low, high)
         grad_min = grad_max = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             levels = q.q_max
-            # Inside the range the rounding error (r - u) moves the ends apart or together; clipped values
-            # pull the end they were clipped to.
-            error = torch.where(inside, (y - x) / delta.view(q.view), 0.0) / levels
+            c, error = _steps(x.float(), delta, zero_point, q)
+            g = grad_output.float()
+            outside = g - grad_x.float()  # the upstream gradient where x was clipped
+            # Clipped values sit at c = 0 (below) or c = K (above): Σ_above g = Σ outside·c / K.
+            above = _sum(outside, c, q.reduce_dims) / levels
+            below = (outside.sum() if q.reduce_dims is None else outside.sum(dim=q.reduce_dims)) - above
+            # Inside, the rounding error moves the ends apart or together.
+            rounding = _sum(g, error, q.reduce_dims) / levels
             scale = ctx.grad_scale
-            grad_min = _reduce(grad_output * (below.to(x.dtype) - error), q.reduce_dims, range_min) * scale
-            grad_max = _reduce(grad_output * (above.to(x.dtype) + error), q.reduce_dims, range_max) * scale
+            grad_min = ((below - rounding) * scale).reshape(range_min.shape).to(range_min.dtype)
+            grad_max = ((above + rounding) * scale).reshape(range_max.shape).to(range_max.dtype)
             grad_min = grad_min * (range_min <= 0)
             grad_max = grad_max * (range_max >= 0)
-        return grad_x, grad_min, grad_max, None, None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_min, grad_max, None, None
 
 
 class _LSQ:
