@@ -71,6 +71,12 @@ def oracle_grid(case: Case, params: dict[str, np.ndarray]) -> tuple[np.ndarray, 
         np.float32)
 
 
+def _float_array(x: np.ndarray) -> np.ndarray:
+    """x as given when it is float64 (so that a float64 test keeps its extra precision), else as float32."""
+    x = np.asarray(x)
+    return x if x.dtype == np.float64 else x.astype(np.float32)
+
+
 @dataclasses.dataclass
 class Built:
     """A quantizer initialized for a case, with the layer/module that holds its variables."""
@@ -96,13 +102,17 @@ class Adapter:
         """Rule 2's budget for `case` away from ties, in float32 ulps of the output."""
         return self.ulps
 
-    def build(self, case: Case, params: dict[str, np.ndarray]) -> Built:
+    def quantizer_class(self, case: Case) -> type:
+        """The backend's quantizer class for the case, found by the resolver."""
         module_name, class_name = self.base_class_path
         base = getattr(importlib.import_module(module_name), class_name)
-        cls = get_trainable_quantizer_class(case.quantization_target, case.training, case.method, base)
-        quantizer = cls(make_config(case, params))
+        return get_trainable_quantizer_class(case.quantization_target, case.training, case.method, base)
+
+    def build(self, case: Case, params: dict[str, np.ndarray], shape: tuple[int, ...] | None = None) -> Built:
+        """The case's quantizer with `params`, initialized for a tensor of `shape` (default: the case's)."""
+        quantizer = self.quantizer_class(case)(make_config(case, params))
         layer = self.new_layer()
-        quantizer.initialize_quantization(self.init_shape(case), "q", layer)
+        quantizer.initialize_quantization(self.init_shape(case, case.shape if shape is None else shape), "q", layer)
         return Built(case, quantizer, self.place(layer))
 
     def trainable(self, built: Built) -> dict[str, Any]:
@@ -126,11 +136,13 @@ class Adapter:
     def place(self, layer: Any) -> Any:
         return layer
 
-    def init_shape(self, case: Case) -> Any:
+    def init_shape(self, case: Case, shape: tuple[int, ...]) -> Any:
+        """What `initialize_quantization` is given for a tensor of `shape`."""
         raise NotImplementedError
 
     def run(self, built: Built, x: np.ndarray, training: bool, dtype: str = "float32") -> tuple[np.ndarray, str]:
-        """Q(x) with x cast to `dtype` in the framework: (the output as float64 values, its dtype name)."""
+        """Q(x) with x (float32, or float64) cast to `dtype` by the framework: (the output as float64 values, its
+        dtype name)."""
         raise NotImplementedError
 
     def cast(self, x: np.ndarray, dtype: str) -> np.ndarray:
@@ -142,7 +154,11 @@ class Adapter:
         raise NotImplementedError
 
     def inferable(self, built: Built, x: np.ndarray) -> np.ndarray:
-        """The output of `convert2inferable()` on x."""
+        """The output of `convert2inferable()` on a float32 array x."""
+        return self.run_inferable(built, x)[0].astype(np.float32)
+
+    def run_inferable(self, built: Built, x: np.ndarray, dtype: str = "float32") -> tuple[np.ndarray, str]:
+        """`convert2inferable()` applied to x cast to `dtype`: (the output as float64 values, its dtype name)."""
         raise NotImplementedError
 
     def oracle(self, case: Case, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -168,13 +184,13 @@ class KerasAdapter(Adapter):
 
         return keras.layers.Layer()
 
-    def init_shape(self, case: Case) -> Any:
-        return case.shape if case.is_weights else (None, *case.shape[1:])
+    def init_shape(self, case: Case, shape: tuple[int, ...]) -> Any:
+        return shape if case.is_weights else (None, *shape[1:])
 
     def _tensor(self, x: np.ndarray, dtype: str):
         import tensorflow as tf
 
-        return tf.cast(tf.constant(np.asarray(x, np.float32)), dtype)
+        return tf.cast(tf.constant(_float_array(x)), dtype)
 
     def cast(self, x: np.ndarray, dtype: str) -> np.ndarray:
         import tensorflow as tf
@@ -202,10 +218,11 @@ class KerasAdapter(Adapter):
             out[name] = None if grad is None else np.asarray(grad, np.float64).reshape(-1)
         return out
 
-    def inferable(self, built: Built, x: np.ndarray) -> np.ndarray:
+    def run_inferable(self, built: Built, x: np.ndarray, dtype: str = "float32") -> tuple[np.ndarray, str]:
         import tensorflow as tf
 
-        return built.quantizer.convert2inferable()(tf.constant(np.asarray(x, np.float32))).numpy()
+        y = built.quantizer.convert2inferable()(self._tensor(x, dtype))
+        return tf.cast(y, tf.float64).numpy(), y.dtype.name
 
     def oracle(self, case: Case, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
         import tensorflow as tf
@@ -251,13 +268,13 @@ class TorchAdapter(Adapter):
     def place(self, layer: Any) -> Any:
         return layer.to(self.device)
 
-    def init_shape(self, case: Case) -> Any:
-        return case.shape if case.is_weights else None
+    def init_shape(self, case: Case, shape: tuple[int, ...]) -> Any:
+        return shape if case.is_weights else None
 
     def _tensor(self, x: np.ndarray, dtype: str):
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device, getattr(torch, dtype))
+        return torch.from_numpy(np.ascontiguousarray(_float_array(x))).to(self.device, getattr(torch, dtype))
 
     def cast(self, x: np.ndarray, dtype: str) -> np.ndarray:
         import torch
@@ -288,8 +305,11 @@ class TorchAdapter(Adapter):
             out[name] = None if grad is None else grad.to("cpu", torch.float64).numpy().reshape(-1)
         return out
 
-    def inferable(self, built: Built, x: np.ndarray) -> np.ndarray:
-        return built.quantizer.convert2inferable()(self._tensor(x, "float32")).detach().cpu().numpy()
+    def run_inferable(self, built: Built, x: np.ndarray, dtype: str = "float32") -> tuple[np.ndarray, str]:
+        import torch
+
+        y = built.quantizer.convert2inferable()(self._tensor(x, dtype))
+        return y.detach().to("cpu", torch.float64).numpy(), str(y.dtype).removeprefix("torch.")
 
     def oracle(self, case: Case, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
         import torch

@@ -25,3 +25,18 @@ PAIRS = [
 ]
 CASE_PARAMS = [pytest.param(case, id=case.id) for case in CASES]
 LSQ_CASE_PARAMS = [pytest.param(case, id=case.id) for case in CASES if case.is_lsq]
+
+
+def backend_case_params(cases, known_bug=lambda backend, case: None, raises: type = AssertionError) -> list:
+    """(backend, case) parameters; `known_bug(backend, case)` returns the reason of a reported bug that makes
+    the case fail with `raises` (marked xfail(strict=True), so that a fix is noticed), or None."""
+    params = []
+    for backend in backend_names():
+        adapter = ADAPTERS[backend]
+        for case in cases:
+            marks = [pytest.mark.skipif(not adapter.available(), reason=f"{backend}: {adapter.module} is missing")]
+            reason = known_bug(backend, case)
+            if reason:
+                marks.append(pytest.mark.xfail(strict=True, reason=reason, raises=raises))
+            params.append(pytest.param(backend, case, id=f"{backend}-{case.id}", marks=marks))
+    return params
