@@ -306,6 +306,11 @@ def quantize_model(
         qat_model = traced
         holders = _quantize_graph(qat_model, config)
         qat_model.recompile()
+    # Holders are built on the CPU: give their variables the model's device.
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None:
+        for name in holders:
+            qat_model.get_submodule(name).to(device)
     if not any(isinstance(m, PytorchTrainableQuantizationWrapper) for m in qat_model.modules()):
         raise QuantizationConfigError(
             f"{type(model).__name__} has no layer to quantize: no {', '.join(t.__name__ for t in _layer_types(config))}"
