@@ -205,11 +205,14 @@ def test_wrapping_an_already_built_layer_keeps_its_weights():
     dense = keras.layers.Dense(3)
     dense.build((None, 4))
     before = dense.kernel.numpy().copy()
-    wrapper = KerasTrainableQuantizationWrapper(dense, {"kernel": _quantizer("ste-symmetric", -1)})
+    quantizer = _quantizer("ste-symmetric", -1)
+    wrapper = KerasTrainableQuantizationWrapper(dense, {"kernel": quantizer})
     wrapper(tf.ones((1, 4)))
     np.testing.assert_array_equal(dense.kernel.numpy(), before)
     assert wrapper.name == f"quant_{dense.name}"
-    assert [id(v) for v in wrapper.weights] == [id(v) for v in dense.weights]
+    # The layer's own variables, and the STE threshold as a non-trainable weight of the wrapper.
+    assert sorted(id(v) for v in wrapper.weights) == sorted([id(v) for v in dense.weights] + [id(quantizer.threshold)])
+    assert [id(v) for v in wrapper.trainable_weights] == [id(v) for v in dense.trainable_weights]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

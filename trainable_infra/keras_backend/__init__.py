@@ -19,12 +19,14 @@ from trainable_infra.keras_backend.base_quantizer import (
     BaseKerasTrainableQuantizer,
     BaseKerasWeightTrainableQuantizer,
 )
+from trainable_infra.keras_backend.calibrate import calibrate
 from trainable_infra.keras_backend.convert import convert_to_inferable
 from trainable_infra.keras_backend.inferable_wrappers import (
     KerasInferableActivationQuantizationHolder,
     KerasInferableQuantizationWrapper,
 )
 from trainable_infra.keras_backend.load import keras_load_quantized_model
+from trainable_infra.keras_backend.quantize import quantize_model
 from trainable_infra.keras_backend.quantizers import (
     LSQSymmetricActivationQuantizer,
     LSQSymmetricWeightQuantizer,
@@ -34,6 +36,14 @@ from trainable_infra.keras_backend.quantizers import (
     STESymmetricWeightQuantizer,
     STEUniformActivationQuantizer,
     STEUniformWeightQuantizer,
+)
+from trainable_infra.keras_backend.report import quantization_report
+from trainable_infra.keras_backend.training import (
+    QuantizerFreezeCallback,
+    freeze_bn_stats,
+    freeze_quantizers,
+    unfreeze_bn_stats,
+    unfreeze_quantizers,
 )
 from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHolder, KerasTrainableQuantizationWrapper
 
@@ -49,10 +59,18 @@ __all__ = [
     "LSQSymmetricWeightQuantizer",
     "LSQUniformActivationQuantizer",
     "LSQUniformWeightQuantizer",
+    "QuantizerFreezeCallback",
     "STESymmetricActivationQuantizer",
     "STESymmetricWeightQuantizer",
     "STEUniformActivationQuantizer",
     "STEUniformWeightQuantizer",
+    "calibrate",
     "convert_to_inferable",
+    "freeze_bn_stats",
+    "freeze_quantizers",
     "keras_load_quantized_model",
+    "quantization_report",
+    "quantize_model",
+    "unfreeze_bn_stats",
+    "unfreeze_quantizers",
 ]

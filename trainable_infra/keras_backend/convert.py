@@ -7,7 +7,8 @@ import keras
 # The class of Functional models; keras.models.clone_model (which this module relies on) tests for it the same way.
 from keras.src.models.functional import Functional
 
-from trainable_infra.common.errors import TrainableInfraError
+from trainable_infra.common.errors import QuantizationConfigError, TrainableInfraError
+from trainable_infra.keras_backend.calibrate import all_layers
 from trainable_infra.keras_backend.inferable_wrappers import (
     KerasInferableActivationQuantizationHolder,
     KerasInferableQuantizationWrapper,
@@ -62,6 +63,12 @@ def convert_to_inferable(model: keras.Model) -> keras.Model:
     if not model.built:
         raise TrainableInfraError(
             f"model {model.name!r} is not built: call it on data or give it an Input before converting"
+        )
+    trainable = (KerasTrainableQuantizationWrapper, KerasActivationQuantizationHolder)
+    if not any(isinstance(layer, trainable) for layer in all_layers(model)):
+        raise QuantizationConfigError(
+            f"model {model.name!r} has no trainable quantization wrapper or holder: quantize it with quantize_model "
+            "(or wrap its layers) and train it before converting"
         )
     pairs: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
 

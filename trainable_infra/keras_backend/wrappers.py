@@ -232,6 +232,9 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
         self.activation_quantizer = activation_quantizer
         self.supports_masking = True
         self._enabled = activation_quantizer.activation_quantization()
+        # Set by `calibrate` and `quantization_report` for the eager calls they make: a function of the input
+        # that returns the holder's output, to observe what reaches the holder (or let it pass unquantized).
+        self._observer: Callable[[Any], Any] | None = None
 
     def build(self, input_shape: Any) -> None:
         if self._enabled:
@@ -241,6 +244,8 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         if not self._enabled:
             return inputs
+        if self._observer is not None:
+            return self._observer(inputs)
         return self.activation_quantizer(inputs, bool(training))
 
     def compute_output_shape(self, input_shape: Any) -> Any:

@@ -1,0 +1,438 @@
+"""`quantize_model`: a QAT-ready copy of a float Keras 3 model (Sequential or Functional).
+
+Kernels of convolutions (plain, depthwise, separable, transposed) and dense layers are wrapped; activation
+holders go on the model inputs, after each quantized layer's activation (its own `activation=`, or through
+BatchNormalization and a following activation layer), and after `Add` and `Concatenate` layers. The layer graph is
+rebuilt with copies of the layers: names and weights are kept, the input model is not touched.
+
+A holder's signedness follows the architecture, not the data (unsigned after relu, relu6, sigmoid and
+hard_sigmoid, signed elsewhere), so a model rebuilt by `quantize_model` from the same float model and config
+always takes the weights of a trained one; representative data sets the thresholds and ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Hashable, Iterable
+from fnmatch import fnmatchcase
+from typing import Any
+
+import keras
+
+# The class of Functional models; keras.models.clone_model tests for it the same way.
+from keras.src.models.functional import Functional
+
+from trainable_infra.common.calibration import (
+    DEFAULT_ACTIVATION_THRESHOLD,
+    default_activation_params,
+    weight_quant_params,
+)
+from trainable_infra.common.config import TrainableQuantizerActivationConfig, TrainableQuantizerWeightsConfig
+from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.mct import QuantizationTarget
+from trainable_infra.common.qat_config import LayerSettings, QATConfig
+from trainable_infra.common.resolver import get_trainable_quantizer_class
+from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
+from trainable_infra.keras_backend.calibrate import calibrate
+from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHolder, KerasTrainableQuantizationWrapper
+
+# Layer class name -> (class, {kernel attribute: its output-channel axis}). Depthwise kernels are
+# (*window, in_channels, depth_multiplier): their thresholds are per input channel (axis -2), shared by the
+# `depth_multiplier` outputs of that channel, which is per output channel for the usual multiplier of 1.
+# Transposed convolutions keep their kernel as (*window, out_channels, in_channels).
+QUANTIZABLE_LAYERS: dict[str, tuple[type[keras.layers.Layer], dict[str, int]]] = {
+    "Conv1D": (keras.layers.Conv1D, {"kernel": -1}),
+    "Conv2D": (keras.layers.Conv2D, {"kernel": -1}),
+    "Conv3D": (keras.layers.Conv3D, {"kernel": -1}),
+    "Conv1DTranspose": (keras.layers.Conv1DTranspose, {"kernel": -2}),
+    "Conv2DTranspose": (keras.layers.Conv2DTranspose, {"kernel": -2}),
+    "Conv3DTranspose": (keras.layers.Conv3DTranspose, {"kernel": -2}),
+    "DepthwiseConv1D": (keras.layers.DepthwiseConv1D, {"kernel": -2}),
+    "DepthwiseConv2D": (keras.layers.DepthwiseConv2D, {"kernel": -2}),
+    "SeparableConv1D": (keras.layers.SeparableConv1D, {"depthwise_kernel": -2, "pointwise_kernel": -1}),
+    "SeparableConv2D": (keras.layers.SeparableConv2D, {"depthwise_kernel": -2, "pointwise_kernel": -1}),
+    "Dense": (keras.layers.Dense, {"kernel": -1}),
+}
+# Activations whose output is never negative: the holder after them is unsigned.
+NON_NEGATIVE_ACTIVATIONS = frozenset({"relu", "relu6", "sigmoid", "hard_sigmoid"})
+_ACTIVATION_LAYERS = (
+    keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU,
+    keras.layers.Softmax,
+)
+# Layers whose outputs are quantized (they are where residual branches and concatenations meet).
+_MERGE_LAYERS = (keras.layers.Add, keras.layers.Concatenate)
+
+
+def _check_arguments(model: Any, qat_config: Any, num_calibration_batches: Any) -> QATConfig:
+    if not isinstance(model, keras.Model):
+        raise QuantizationConfigError(f"model must be a Keras 3 model, got {type(model).__name__}")
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise QuantizationConfigError(
+            f"quantize_model rebuilds the layer graph of Sequential and Functional models; {model.name!r} is a "
+            f"subclassed model ({type(model).__name__}), whose graph Keras does not record. Build it as a "
+            "Functional model (keras.Model(inputs, outputs)) or a Sequential one, or wrap its layers by hand with "
+            "KerasTrainableQuantizationWrapper and KerasActivationQuantizationHolder"
+        )
+    if not model.built or not model.inputs:
+        raise QuantizationConfigError(
+            f"model {model.name!r} is not built: give the Sequential model a keras.Input (or call build) so that "
+            "its weights exist"
+        )
+    if qat_config is None:
+        qat_config = QATConfig()
+    if not isinstance(qat_config, QATConfig):
+        raise QuantizationConfigError(f"qat_config must be a QATConfig, got {qat_config!r}")
+    if num_calibration_batches is not None and (
+        isinstance(num_calibration_batches, bool) or not isinstance(num_calibration_batches, int)
+        or num_calibration_batches < 1
+    ):
+        raise QuantizationConfigError(
+            f"num_calibration_batches must be a positive int or None (all batches), got {num_calibration_batches!r}"
+        )
+    if qat_config.layer_types is not None:
+        unknown = sorted(set(qat_config.layer_types) - set(QUANTIZABLE_LAYERS))
+        if unknown:
+            raise QuantizationConfigError(
+                f"layer_types names {unknown}, which the Keras backend cannot quantize; "
+                f"supported: {sorted(QUANTIZABLE_LAYERS)}"
+            )
+    return qat_config
+
+
+def quantized_kernels(layer: keras.layers.Layer, config: QATConfig) -> dict[str, int] | None:
+    """{kernel attribute: output-channel axis} if `config` quantizes `layer`'s type, else None."""
+    names = config.layer_types if config.layer_types is not None else tuple(QUANTIZABLE_LAYERS)
+    for name in names:
+        cls, kernels = QUANTIZABLE_LAYERS[name]
+        if isinstance(layer, cls):
+            return kernels
+    return None
+
+
+def copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """A new, unbuilt layer with `layer`'s configuration (weights are copied once it is built)."""
+    if isinstance(layer, keras.layers.Lambda):
+        # The user's own in-memory function, not one read from a file: no need for safe mode.
+        return keras.layers.Lambda.from_config(layer.get_config(), safe_mode=False)
+    return layer.__class__.from_config(layer.get_config())
+
+
+def make_wrapper(
+    layer: keras.layers.Layer, kernels: dict[str, int], settings: LayerSettings, config: QATConfig
+) -> KerasTrainableQuantizationWrapper:
+    """Wrap a copy of `layer` with the quantizers `settings` ask for, initialised from `layer`'s kernels."""
+    method = settings.weight_quantization_method
+    cls = get_trainable_quantizer_class(
+        QuantizationTarget.Weights, settings.weight_training_method, method, BaseKerasTrainableQuantizer
+    )
+    quantizers = {}
+    for attribute, axis in kernels.items():
+        kernel = keras.ops.convert_to_numpy(getattr(layer, attribute))
+        channel_axis = axis % kernel.ndim if settings.weight_per_channel else None
+        params = weight_quant_params(
+            kernel, method, settings.weight_n_bits, channel_axis, config.weight_init, config.min_threshold
+        )
+        quantizers[attribute] = cls(TrainableQuantizerWeightsConfig(
+            method, settings.weight_n_bits, params, True, channel_axis, settings.weight_per_channel,
+            config.min_threshold,
+        ))
+    return KerasTrainableQuantizationWrapper(copy_layer(layer), quantizers, name=layer.name)
+
+
+def make_holder(
+    settings: LayerSettings, config: QATConfig, params: dict, name: str
+) -> KerasActivationQuantizationHolder:
+    """An activation holder called `name` with the quantizer `settings` ask for and the given parameters."""
+    method = settings.activation_quantization_method
+    quantizer_config = TrainableQuantizerActivationConfig(
+        method, settings.activation_n_bits, params, True, config.min_threshold
+    )
+    cls = get_trainable_quantizer_class(
+        QuantizationTarget.Activation, settings.activation_training_method, method, BaseKerasTrainableQuantizer
+    )
+    return KerasActivationQuantizationHolder(cls(quantizer_config), name=name)
+
+
+# --- the float graph ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Call:
+    """One call of a layer in the float model: the keys of the tensors it reads and writes, and how to replay it."""
+
+    layer: Any  # a Layer, or a stateless Operation (keras.ops applied to symbolic tensors)
+    inputs: list[Hashable]
+    outputs: list[Hashable]
+    replay: Callable[[Any, dict], Any]  # (new layer, {key: new tensor}) -> outputs
+
+
+def input_name(tensor: keras.KerasTensor) -> str:
+    """The name of the InputLayer that made a model input (KerasTensors of inputs have generic names)."""
+    history = getattr(tensor, "_keras_history", None)
+    return history.operation.name if history is not None else tensor.name
+
+
+@dataclasses.dataclass
+class _Graph:
+    inputs: list[tuple[Hashable, keras.KerasTensor]]  # model inputs: (key, tensor)
+    calls: list[_Call]  # in an order where every call comes after the calls that produce its inputs
+    outputs: set[Hashable]  # keys of the model outputs
+
+    def consumers(self) -> dict[Hashable, list[_Call]]:
+        found: dict[Hashable, list[_Call]] = {}
+        for call in self.calls:
+            for key in dict.fromkeys(call.inputs):
+                found.setdefault(key, []).append(call)
+        return found
+
+
+def _functional_graph(model: Functional) -> _Graph:
+    # Keras records the graph as nodes by depth (as its own clone_model and Functional.call walk it).
+    calls = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.operation is None or node.is_input:
+                continue
+            calls.append(_Call(
+                node.operation, [id(t) for t in node.input_tensors], [id(t) for t in node.outputs],
+                lambda layer, tensors, node=node: _replay(layer, node, tensors),
+            ))
+    return _Graph([(id(t), t) for t in model.inputs], calls, {id(t) for t in model.outputs})
+
+
+def _replay(layer: Any, node: Any, tensors: dict) -> Any:
+    args, kwargs = node.arguments.fill_in(tensors)
+    return layer(*args, **kwargs)
+
+
+def _sequential_graph(model: keras.Sequential) -> _Graph:
+    # Tensor k is the output of layer k - 1; tensor 0 is the input.
+    calls = [
+        _Call(layer, [k], [k + 1], lambda new, tensors, k=k: new(tensors[k])) for k, layer in enumerate(model.layers)
+    ]
+    return _Graph([(0, model.inputs[0])], calls, {len(calls)})
+
+
+# --- where the holders go -----------------------------------------------------------------------------------
+
+
+def _activation_name(layer: Any) -> str | None:
+    """The name of the activation a layer applies to its output (`activation=` or an activation layer), if any."""
+    if isinstance(layer, keras.layers.ReLU):
+        non_negative = float(layer.negative_slope) == 0.0 and float(layer.threshold) >= 0.0
+        return "relu" if non_negative else "leaky_relu"
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return type(layer).__name__.lower() if isinstance(layer, _ACTIVATION_LAYERS) else None
+    name = getattr(activation, "__name__", type(activation).__name__)
+    return None if name == "linear" else name
+
+
+def _is_activation(layer: Any) -> bool:
+    return isinstance(layer, _ACTIVATION_LAYERS)
+
+
+def _chain_end(call: _Call, graph: _Graph, consumers: dict, through_batch_norm: bool) -> tuple[Hashable, Any]:
+    """(tensor key, producing layer) at the end of `call` -> [BatchNormalization] -> [activation], following each
+    step only where it is the sole reader of the last tensor."""
+    key, layer = call.outputs[0], call.layer
+    if _activation_name(layer) is not None:
+        return key, layer  # the layer's own activation ends the chain
+    while key not in graph.outputs and len(consumers.get(key, [])) == 1:
+        (user,) = consumers[key]
+        if through_batch_norm and isinstance(user.layer, keras.layers.BatchNormalization):
+            key, layer, through_batch_norm = user.outputs[0], user.layer, False
+        elif _is_activation(user.layer):
+            return user.outputs[0], user.layer
+        else:
+            break
+    return key, layer
+
+
+@dataclasses.dataclass
+class _Plan:
+    wrappers: dict[int, KerasTrainableQuantizationWrapper]  # id(float layer) -> its wrapper
+    holders: dict[Hashable, KerasActivationQuantizationHolder]  # tensor key -> the holder applied to it
+
+
+def _check_overrides(config: QATConfig, names: list[str]) -> None:
+    for override in config.overrides:
+        if not any(fnmatchcase(name, override.pattern) for name in names):
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise QuantizationConfigError(
+                f"override pattern {override.pattern!r} matches no layer of the model; its layers are: {shown}"
+            )
+
+
+def _holder_name(base: str, taken: set[str]) -> str:
+    name = f"{base}_activation_quantizer"
+    unique, index = name, 1
+    while unique in taken:
+        unique, index = f"{name}_{index}", index + 1
+    taken.add(unique)
+    return unique
+
+
+def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
+    names = [input_name(t) for _, t in graph.inputs] + [c.layer.name for c in graph.calls]
+    _check_overrides(config, list(dict.fromkeys(names)))
+    consumers = graph.consumers()
+    wrappers: dict[int, KerasTrainableQuantizationWrapper] = {}
+    # (tensor key, its producer (None for an input), the name its settings come from)
+    points: list[tuple[Hashable, Any, str]] = [
+        (key, None, input_name(tensor)) for key, tensor in graph.inputs
+        if key in consumers and keras.backend.is_float_dtype(tensor.dtype)
+    ]
+    for call in graph.calls:
+        layer = call.layer
+        if not isinstance(layer, keras.layers.Layer):
+            continue
+        kernels = quantized_kernels(layer, config)
+        if kernels is not None:
+            settings = config.for_layer(layer.name)
+            if settings.skip:
+                continue
+            if id(layer) not in wrappers:
+                wrappers[id(layer)] = make_wrapper(layer, kernels, settings, config)
+            points.append((*_chain_end(call, graph, consumers, through_batch_norm=True), layer.name))
+        elif isinstance(layer, _MERGE_LAYERS):
+            points.append((*_chain_end(call, graph, consumers, through_batch_norm=False), layer.name))
+        elif isinstance(layer, keras.Model):
+            warnings.warn(
+                f"{model.name!r} contains the model {layer.name!r}, which is kept in float: quantize_model quantizes "
+                "the layers of the outer model only; call the inner model's layers directly in the outer model to "
+                "quantize them", stacklevel=3,
+            )
+
+    holders: dict[Hashable, KerasActivationQuantizationHolder] = {}
+    if not config.quantize_activations:
+        return _Plan(wrappers, holders)
+    taken = set(names)
+    for key, producer, base in points:
+        settings = config.for_layer(base)
+        if key in holders or settings.skip:
+            continue
+        activation = _activation_name(producer) if producer is not None else None
+        signed = activation not in NON_NEGATIVE_ACTIVATIONS
+        params = default_activation_params(settings.activation_quantization_method, signed)
+        holders[key] = make_holder(settings, config, params, _holder_name(base, taken))
+    return _Plan(wrappers, holders)
+
+
+# --- rebuilding -------------------------------------------------------------------------------------------------
+
+
+def _new_input(tensor: keras.KerasTensor) -> keras.KerasTensor:
+    return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=input_name(tensor))
+
+
+def _rebuild(model: keras.Model, graph: _Graph, plan: _Plan) -> tuple[keras.Model, list[tuple[Any, Any]]]:
+    """The QAT model and the (float layer, new layer) pairs whose weights are still to be copied."""
+    copies: dict[int, Any] = {}
+    pairs: list[tuple[Any, Any]] = []
+
+    def new_layer(layer: Any) -> Any:
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a stateless operation
+        if id(layer) not in copies:
+            wrapper = plan.wrappers.get(id(layer))
+            copies[id(layer)] = wrapper if wrapper is not None else copy_layer(layer)
+            pairs.append((layer, copies[id(layer)]))
+        return copies[id(layer)]
+
+    def hold(key: Hashable, value: Any, applied: list) -> Any:
+        holder = plan.holders.get(key)
+        if holder is None:
+            return value
+        applied.append(holder)
+        return holder(value)
+
+    applied: list[Any] = []  # layers in the order they are called (the layer list of a Sequential result)
+    tensors: dict[Hashable, Any] = {}
+    new_inputs = {}
+    for key, tensor in graph.inputs:
+        new_inputs[key] = _new_input(tensor)
+        tensors[key] = hold(key, new_inputs[key], applied)
+    for call in graph.calls:
+        layer = new_layer(call.layer)
+        applied.append(layer)
+        outputs = keras.tree.flatten(call.replay(layer, tensors))
+        for key, value in zip(call.outputs, outputs, strict=True):
+            tensors[key] = hold(key, value, applied)
+
+    if isinstance(model, keras.Sequential):
+        qat_model = keras.Sequential([_new_input(model.inputs[0]), *applied], name=model.name,
+                                     trainable=model.trainable)
+    else:
+        ids = {id(t): key for key, t in graph.inputs}
+        inputs = keras.tree.map_structure(lambda t: new_inputs[ids[id(t)]], model.input)
+        outputs = keras.tree.map_structure(lambda t: tensors[id(t)], model.output)
+        qat_model = keras.Model(inputs, outputs, name=model.name, trainable=model.trainable)
+    return qat_model, pairs
+
+
+def _copy_weights(pairs: list[tuple[Any, Any]]) -> None:
+    for layer, new in pairs:
+        target = new.layer if isinstance(new, KerasTrainableQuantizationWrapper) else new
+        target.set_weights(layer.get_weights())
+
+
+def quantize_model(
+    model: keras.Model,
+    qat_config: QATConfig | None = None,
+    representative_data: Iterable[Any] | Any | None = None,
+    num_calibration_batches: int | None = None,
+    *,
+    progress: bool = True,
+) -> keras.Model:
+    """Return a QAT-ready copy of `model` (which is not changed).
+
+    Args:
+        model: a built float Sequential or Functional Keras model.
+        qat_config: what to quantize and how (default `QATConfig()`: W8A8 per-channel symmetric STE).
+        representative_data: data to calibrate activation parameters with: an array of samples, or batches
+            (arrays, `(inputs, targets)` tuples, a `tf.data.Dataset`), as `calibrate` takes them. Without it,
+            activations start at a threshold of 8 and a warning says so.
+        num_calibration_batches: how many batches to use (None: all).
+        progress: show a progress bar while calibrating.
+
+    Returns:
+        A model of the same kind (Sequential or Functional) whose quantized layers are
+        `KerasTrainableQuantizationWrapper`s named like the float layers, with `KerasActivationQuantizationHolder`s
+        named `<layer>_activation_quantizer` after them and after the inputs. Quantizer parameters are layer weights
+        (`kernel_threshold`, `activation_threshold`, or `..._range_min` / `..._range_max`) and are saved in `.keras`.
+        If `model` was compiled, the copy is compiled with the same settings.
+
+    Example:
+        >>> qat = quantize_model(model, QATConfig(weight_n_bits=4), x_train[:512])  # doctest: +SKIP
+        >>> qat.compile(optimizer="adam", loss="sparse_categorical_crossentropy"); qat.fit(x_train, y_train)
+    """
+    config = _check_arguments(model, qat_config, num_calibration_batches)
+    graph = _sequential_graph(model) if isinstance(model, keras.Sequential) else _functional_graph(model)
+    plan = _plan(model, graph, config)
+    if not plan.wrappers:
+        types = config.layer_types if config.layer_types is not None else tuple(QUANTIZABLE_LAYERS)
+        raise QuantizationConfigError(
+            f"{model.name!r} has no layer to quantize: no {', '.join(types)} (or all were skipped by the config)"
+        )
+    qat_model, pairs = _rebuild(model, graph, plan)
+    _copy_weights(pairs)
+    if model.compiled:
+        qat_model.compile_from_config(model.get_compile_config())
+    if not plan.holders:
+        return qat_model
+    if representative_data is None:
+        t = DEFAULT_ACTIVATION_THRESHOLD
+        warnings.warn(
+            f"quantize_model got no representative_data: activation quantizers start at a threshold of {t:g} "
+            f"(range [-{t:g}, {t:g}], or [0, {t:g}] after ReLU); call calibrate(model, data) or pass "
+            "representative_data",
+            stacklevel=2,
+        )
+        return qat_model
+    calibrate(qat_model, representative_data, num_calibration_batches, config.activation_calibration,
+              progress=progress)
+    return qat_model
