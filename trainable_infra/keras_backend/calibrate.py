@@ -197,12 +197,15 @@ def calibrate(
         new = observers[name].quant_params(
             config.activation_quantization_method, config.activation_n_bits, config.min_threshold
         )
-        # Parameters are found by their registered names, so quantizers written outside the library calibrate too.
+        # Parameters are found by their registered names (threshold, range_min, range_max), so quantizers
+        # written outside the library calibrate too.
         variables = {key: parameter_variable(quantizer, key) for key in new if key != "is_signed"}
-        if any(variable is None for variable in variables.values()):
-            warnings.warn(f"{name}: {type(quantizer).__name__} registers no {' / '.join(variables)} variable; "
-                          "not calibrated", stacklevel=2)
+        variables = {key: variable for key, variable in variables.items() if variable is not None}
+        if not variables:
+            warnings.warn(f"{name}: {type(quantizer).__name__} registers no threshold, range_min or range_max "
+                          "variable; not calibrated", stacklevel=2)
             continue
+        new = {key: value for key, value in new.items() if key == "is_signed" or key in variables}
         for key, variable in variables.items():
             variable.assign(np.full(variable.shape, new[key], dtype=np.float32))
         if new.get("is_signed") and not config.activation_quantization_params.get("is_signed", True):
