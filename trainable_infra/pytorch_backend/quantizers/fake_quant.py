@@ -33,11 +33,14 @@ def fake_quantize(
     return steps.mul_(d).to(x.dtype)
 
 
-def ste_input_grad(grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """`grad` where low <= x <= high (inclusive, on the unrounded input), 0 elsewhere."""
-    # Only for real CPU tensors in eager mode: the bounds are read to Python numbers, which tracing (fake and
-    # functional tensor subclasses under torch.compile) cannot do.
-    eager = type(x) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+def ste_input_grad(
+    grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, eager: bool
+) -> torch.Tensor:
+    """`grad` where low <= x <= high (inclusive, on the unrounded input), 0 elsewhere.
+
+    `eager` is what `eager()` said in the forward pass (outside torch.compile): only then may
+    the bounds be read into Python numbers.
+    """
     if eager and x.device.type == "cpu" and low.numel() == 1 and x.dtype == low.dtype:
         # One fused CPU kernel instead of comparisons and a select on bool tensors (about 20x slower here).
         # hardtanh's backward keeps the open interval (low, high): widen it by one ulp to include the ends.
@@ -45,6 +48,11 @@ def ste_input_grad(grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor, high:
         above = torch.nextafter(high, torch.full_like(high, torch.inf)).item()
         return torch.ops.aten.hardtanh_backward(grad, x, below, above)
     return torch.where((x >= low) & (x <= high), grad, 0.0)
+
+
+def eager() -> bool:
+    """Whether the calling forward pass runs eagerly (not traced by torch.compile)."""
+    return not torch.compiler.is_compiling()
 
 
 class STEFakeQuantize(torch.autograd.Function):
@@ -58,9 +66,10 @@ class STEFakeQuantize(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, low: torch.Tensor,
                 high: torch.Tensor, axis: int | None, view: tuple[int, ...], q_min: int, q_max: int) -> torch.Tensor:
         ctx.save_for_backward(x, low, high)
+        ctx.eager = eager()
         return fake_quantize(x, delta, zero_point, axis, view, q_min, q_max)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         x, low, high = ctx.saved_tensors
-        return ste_input_grad(grad, x, low, high), None, None, None, None, None, None, None, None
+        return ste_input_grad(grad, x, low, high, ctx.eager), None, None, None, None, None, None, None, None

@@ -19,7 +19,7 @@ from trainable_infra.pytorch_backend.base_quantizer import (
     BasePytorchActivationTrainableQuantizer,
     BasePytorchWeightTrainableQuantizer,
 )
-from trainable_infra.pytorch_backend.quantizers.fake_quant import ste_input_grad
+from trainable_infra.pytorch_backend.quantizers.fake_quant import eager, ste_input_grad
 from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, UniformGrid
 
 _SYMMETRIC_METHODS = [QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO]
@@ -48,7 +48,7 @@ class _LSQSymmetricFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, q: SymmetricGrid, grad_scale: float):
         delta, zero_point = q.grid()
         ctx.save_for_backward(x, threshold, delta, zero_point)
-        ctx.q, ctx.grad_scale = q, grad_scale
+        ctx.q, ctx.grad_scale, ctx.eager = q, grad_scale, eager()
         return q.fake_quantize(x, delta, zero_point)
 
     @staticmethod
@@ -56,7 +56,7 @@ class _LSQSymmetricFunction(torch.autograd.Function):
         x, threshold, delta, zero_point = ctx.saved_tensors
         q = ctx.q
         low, high = q.bounds(delta, zero_point)
-        grad_x = ste_input_grad(grad_output, x, low, high)
+        grad_x = ste_input_grad(grad_output, x, low, high, ctx.eager)
         grad_threshold = None
         if ctx.needs_input_grad[1]:
             c, error = _steps(x.float(), delta, zero_point, q)
@@ -76,7 +76,7 @@ class _LSQUniformFunction(torch.autograd.Function):
                 grad_scale: float):
         delta, zero_point = q.grid()
         ctx.save_for_backward(x, range_min, range_max, delta, zero_point)
-        ctx.q, ctx.grad_scale = q, grad_scale
+        ctx.q, ctx.grad_scale, ctx.eager = q, grad_scale, eager()
         return q.fake_quantize(x, delta, zero_point)
 
     @staticmethod
@@ -84,7 +84,7 @@ class _LSQUniformFunction(torch.autograd.Function):
         x, range_min, range_max, delta, zero_point = ctx.saved_tensors
         q = ctx.q
         low, high = q.bounds(delta, zero_point)
-        grad_x = ste_input_grad(grad_output, x, low, high)
+        grad_x = ste_input_grad(grad_output, x, low, high, ctx.eager)
         grad_min = grad_max = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             levels = q.q_max
