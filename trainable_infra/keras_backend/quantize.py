@@ -128,7 +128,7 @@ def make_wrapper(
     )
     quantizers = {}
     for attribute, axis in kernels.items():
-        kernel = keras.ops.convert_to_numpy(getattr(layer, attribute))
+        kernel = getattr(layer, attribute).numpy()
         channel_axis = axis % kernel.ndim if settings.weight_per_channel else None
         params = weight_quant_params(
             kernel, method, settings.weight_n_bits, channel_axis, config.weight_init, config.min_threshold

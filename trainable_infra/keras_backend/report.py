@@ -6,6 +6,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.report import format_report, report_row, sqnr_db
@@ -17,7 +18,7 @@ from trainable_infra.keras_backend.wrappers import KerasTrainableQuantizationWra
 def _params(quantizer: Any, tensor: str) -> dict[str, np.ndarray]:
     # Registered as "<tensor>_threshold" and the like: the report names the parameter only.
     return {
-        name.removeprefix(f"{tensor}_"): keras.ops.convert_to_numpy(entry.variable)
+        name.removeprefix(f"{tensor}_"): np.asarray(tf.convert_to_tensor(entry.variable))
         for name, entry in quantizer.quantizer_parameters.items()
     }
 
@@ -46,12 +47,12 @@ def quantization_report(
             for attribute, quantizer in layer.weights_quantizers.items():
                 if not quantizer.weights_quantization():
                     continue
-                kernel = getattr(layer.layer, attribute)
-                quantized = quantizer(keras.ops.convert_to_tensor(kernel), False)
+                kernel = tf.convert_to_tensor(getattr(layer.layer, attribute))
+                quantized = quantizer(kernel, False)
                 bits, method, training = _describe(quantizer)
                 rows.append(report_row(
                     f"{layer.name}.{attribute}", "weights", bits, method, training, _params(quantizer, attribute),
-                    sqnr_db(keras.ops.convert_to_numpy(kernel), keras.ops.convert_to_numpy(quantized)),
+                    sqnr_db(kernel.numpy(), keras.ops.convert_to_numpy(quantized)),
                 ))
     holders = holders_of(model)
     signal = dict.fromkeys(holders, 0.0)
