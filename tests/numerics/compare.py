@@ -37,6 +37,7 @@ class Rule2Errors:
     Attributes:
         ulps: the worst difference away from ties, in float32 ulps of the larger of the two values.
         steps: the worst difference anywhere, in units of Δ.
+        steps_away: the worst difference away from ties, in units of Δ.
         tie_steps: the number of elements (all within float rounding of a tie) that differ by one step Δ.
         violations: the number of elements that break rule 2 with the given ulp budget.
         first: a description of the first violation ("" when there is none).
@@ -44,6 +45,7 @@ class Rule2Errors:
 
     ulps: float
     steps: float
+    steps_away: float
     tie_steps: int
     violations: int
     first: str
@@ -84,6 +86,7 @@ def rule2_errors(actual, expected, steps, delta, ulps: float = ULPS, tie_window:
     return Rule2Errors(
         ulps=float(np.where(ties, 0.0, in_ulps).max(initial=0.0)),
         steps=float((diff / delta).max(initial=0.0)),
+        steps_away=float(np.where(ties, 0.0, diff / delta).max(initial=0.0)),
         tie_steps=int((one_step & ~rounding).sum()),
         violations=int(bad.sum()),
         first=first,
