@@ -428,6 +428,8 @@ BAD = [
      "is a subclassed model (Subclassed), whose graph Keras does not record. Build it as a Functional model"),
     ("unbuilt sequential", lambda: quantize_model(keras.Sequential([keras.layers.Dense(3)]), QATConfig()),
      "is not built: give the Sequential model a keras.Input"),
+    ("already quantized", lambda: quantize_model(quantize_model(tiny_sequential(), QATConfig()), QATConfig()),
+     "model 'tiny_sequential' is already quantized (it holds image_activation_quantizer, conv, "),
     ("not a model", lambda: quantize_model(keras.layers.Dense(3), QATConfig()),
      "model must be a Keras 3 model, got Dense"),
     ("calibrate an unquantized model", lambda: calibrate(tiny_resnet(), DATA),

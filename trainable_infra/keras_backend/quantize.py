@@ -34,7 +34,7 @@ from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
-from trainable_infra.keras_backend.calibrate import calibrate
+from trainable_infra.keras_backend.calibrate import all_layers, calibrate
 from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHolder, KerasTrainableQuantizationWrapper
 
 # Layer class name -> (class, {kernel attribute: its output-channel axis}). Depthwise kernels are
@@ -411,6 +411,13 @@ def quantize_model(
         >>> qat.compile(optimizer="adam", loss="sparse_categorical_crossentropy"); qat.fit(x_train, y_train)
     """
     config = _check_arguments(model, qat_config, num_calibration_batches)
+    quantized = [layer.name for layer in all_layers(model)
+                 if isinstance(layer, (KerasTrainableQuantizationWrapper, KerasActivationQuantizationHolder))]
+    if quantized:
+        raise QuantizationConfigError(
+            f"model {model.name!r} is already quantized (it holds {', '.join(quantized[:5])}"
+            f"{', ...' if len(quantized) > 5 else ''}); give quantize_model the float model"
+        )
     graph = _sequential_graph(model) if isinstance(model, keras.Sequential) else _functional_graph(model)
     plan = _plan(model, graph, config)
     if not plan.wrappers:
