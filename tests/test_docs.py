@@ -44,3 +44,12 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
             exec(compile(block, f"{page.name}[block {index}]", "exec"), namespace)
         except Exception as exc:
             raise AssertionError(f"{page.name}, python block {index} failed: {exc!r}\n{block}") from exc
+
+
+def test_api_page_is_current():
+    pytest.importorskip("torch")
+    pytest.importorskip("tensorflow")
+    spec = importlib.util.spec_from_file_location("make_api", ROOT / "docs" / "make_api.py")
+    make_api = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_api)
+    assert (ROOT / "docs" / "api.md").read_text() == make_api.render(), "run: python docs/make_api.py"
