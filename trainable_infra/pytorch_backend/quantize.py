@@ -296,6 +296,12 @@ def quantize_model(
         `<layer>_activation_quantizer.activation_threshold` (or `..._range_min` / `..._range_max`).
     """
     config = _check_arguments(model, qat_config, num_calibration_batches)
+    if any(isinstance(m, (PytorchTrainableQuantizationWrapper, PytorchTrainableActivationQuantizationHolder))
+           for m in model.modules()):
+        raise QuantizationConfigError(
+            f"{type(model).__name__} is already quantized (it holds trainable quantization wrappers or holders); "
+            "pass the float model"
+        )
     qat_model = copy.deepcopy(model)
     try:
         traced = fx.symbolic_trace(qat_model)
