@@ -13,7 +13,6 @@ from collections.abc import Callable
 import keras
 import numpy as np
 import tensorflow as tf
-from mct_quantizers.common.quant_utils import adjust_range_to_include_zero
 
 from trainable_infra.common import numerics
 
@@ -25,30 +24,6 @@ _DENORMAL_SHIFT = np.float32(2.0**64)
 def fake_quant(x: tf.Tensor, min_range, max_range, n_bits: int, axis: int | None) -> tf.Tensor:
     """TensorFlow's fused fake quantization on [min_range, max_range], per-tensor or per-channel along `axis`."""
     return keras.quantizers.fake_quant_with_min_max_vars(x, min_range, max_range, num_bits=n_bits, axis=axis)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Ranges from constant parameters (numpy, float64 as mct-quantizers computes them)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def symmetric_inferable_range(threshold: np.ndarray, n_bits: int, signed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The float32 (min, max) mct-quantizers gives TensorFlow's op for an effective symmetric threshold."""
-    threshold = np.asarray(threshold, dtype=np.float64)
-    delta = threshold / 2 ** (n_bits - int(signed))
-    low = -threshold if signed else np.zeros_like(threshold)
-    low, high = adjust_range_to_include_zero(low, threshold - delta, n_bits)
-    return low.astype(np.float32), high.astype(np.float32)
-
-
-def uniform_inferable_range(
-    range_min: np.ndarray, range_max: np.ndarray, n_bits: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The float32 (min, max) mct-quantizers gives TensorFlow's op for a uniform range."""
-    low, high = adjust_range_to_include_zero(
-        np.asarray(range_min, dtype=np.float64), np.asarray(range_max, dtype=np.float64), n_bits
-    )
-    return low.astype(np.float32), high.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
