@@ -20,7 +20,7 @@ from tests.numerics.cases import BITS, METHODS, MIN_THRESHOLD, POT, TRAININGS, U
 from tests.numerics.params import BACKENDS
 
 f32 = np.float32
-SETTINGS = settings(max_examples=50, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # Where the drawn tensor sits: per-tensor or per-channel weights, or a (per-tensor) activation.
 LAYOUTS = [pytest.param(layout, id=layout) for layout in ("per-tensor", "axis0", "axis-1", "activation")]
