@@ -214,6 +214,14 @@ def test_overrides_and_skips_apply():
     assert isinstance(qat.get_layer("layer2_conv1"), keras.layers.Conv2D)
 
 
+def test_weights_only_config_adds_no_holders_and_needs_no_data():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no activation quantizers: nothing to calibrate, no warning
+        qat = quantize_model(tiny_mobilenet(), QATConfig(quantize_activations=False))
+    assert not holders(qat)
+    assert len(wrappers(qat)) == 7
+
+
 def test_training_method_override_and_per_tensor_weights():
     config = QATConfig(weight_per_channel=False, overrides={"head": {"weight_training_method": TrainingMethod.LSQ}})
     qat = quantize_model(tiny_mobilenet(), config, DATA, progress=False)
