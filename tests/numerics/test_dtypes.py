@@ -1,10 +1,10 @@
 """Inputs in float64, float16 and bfloat16 (README.md, "Input dtypes", states what each backend does).
 
 Both backends return the input's dtype. Keras always quantizes in float32 (TensorFlow's op takes float32 only):
-the input is cast to float32 and the float32 result cast back. PyTorch computes in the input's dtype with the
-float32 step Δ: per-channel the C-length Δ promotes a float16/bfloat16 input to float32, per-tensor it does
-not, so that per-tensor quantization of a float16/bfloat16 input runs in the input's own precision (the
-reported bug marked below). The mct-quantizers Keras inferable quantizers take float32 only.
+the input is cast to float32 and the float32 result cast back. PyTorch quantizes float16/bfloat16 inputs in
+float32 (per-channel the C-length Δ promotes them, per-tensor the input is cast, as torch's fused kernel does)
+and float64 inputs in float64 with the float32 step Δ. The mct-quantizers Keras inferable quantizers take
+float32 only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import pytest
 from tests.numerics.adapters import ADAPTERS
 from tests.numerics.cases import (
     CASES,
-    POT,
     TIE_WINDOW,
     case_params,
     forward_inputs,
@@ -34,20 +33,6 @@ OTHER = ("float64", *REDUCED)
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 # The largest magnitude kept finite in each dtype (float32 inputs: float64 and bfloat16 hold all of them).
 FINITE_MAX = {"float64": 3.4e38, "float32": 3.4e38, "float16": 6.5e4, "bfloat16": 3.3e38}
-PER_TENSOR_REDUCED_PRECISION_BUG = (
-    "PyTorch per-tensor quantizers compute in the input's dtype when it is not float32 (the per-tensor Δ is a 0-dim "
-    "tensor, which does not promote), unlike their per-channel path, torch's fused kernel on CUDA and the "
-    "inferable quantizer they convert to, which compute in float32: float16/bfloat16 outputs are off by up to "
-    "1-1.5 steps, float64 ones by float32 rounding (the fused per-tensor kernel rounds to float32)"
-)
-
-
-def _per_tensor_torch_bug(backend, case):
-    # A power-of-two Δ scales exactly in any precision, so only other steps show it.
-    return PER_TENSOR_REDUCED_PRECISION_BUG if backend == "pytorch" and case.axis is None and case.method is not POT \
-        else None
-
-
 DTYPE_CASES = [case for case in CASES if case.n_bits in (4, 8)]
 
 
@@ -94,7 +79,7 @@ def _rounded_inputs(adapter, case, params, dtype) -> list[np.ndarray]:
     return [adapter.cast(x, dtype).astype(np.float32) for x in _inputs(case, params, dtype)]
 
 
-@pytest.mark.parametrize(("backend", "case", "dtype"), _params(DTYPE_CASES, REDUCED, _per_tensor_torch_bug))
+@pytest.mark.parametrize(("backend", "case", "dtype"), _params(DTYPE_CASES, REDUCED))
 def test_reduced_precision_output_is_the_float32_output_rounded(backend, case, dtype):
     """What the fused kernels (and the inferable quantizers) compute: Q in float32, rounded to the dtype."""
     adapter = ADAPTERS[backend]
@@ -149,7 +134,7 @@ def _pytorch(params):
     return [p for p in params if p.values[0].startswith("pytorch")]
 
 
-@pytest.mark.parametrize(("backend", "case", "dtype"), _pytorch(_params(DTYPE_CASES, REDUCED, _per_tensor_torch_bug)))
+@pytest.mark.parametrize(("backend", "case", "dtype"), _pytorch(_params(DTYPE_CASES, REDUCED)))
 def test_pytorch_inferable_matches_eval_in_reduced_precision(backend, case, dtype):
     """Rule 1 for float16 and bfloat16 inputs, which the mct-quantizers PyTorch quantizers accept."""
     adapter = ADAPTERS[backend]
@@ -167,7 +152,7 @@ def test_pytorch_inferable_matches_eval_in_reduced_precision(backend, case, dtyp
 def test_pytorch_inferable_matches_eval_in_float64_up_to_float32_rounding(backend, case, dtype):
     """Per-channel the two are equal; per-tensor the eval output is computed in float64 while torch's fused
     per-tensor kernel (the inferable quantizer's) rounds its output to float32: half a float32 ulp apart at most
-    (the per-tensor bug above, in float64)."""
+    (it computes in float32)."""
     adapter = ADAPTERS[backend]
     params = case_params(case)
     built = adapter.build(case, params)

@@ -260,14 +260,16 @@ def ste_mask_uniform(
 
 
 def lsq_grad_scale(num_elements: int, q_max: int) -> float:
-    """LSQ's gradient scale g = 1/sqrt(N·q_max)."""
-    return 1.0 / float(np.sqrt(num_elements * q_max))
+    """LSQ's gradient scale g = 1/sqrt(N·q_max) (N taken as 1 for an empty tensor, which has no gradient)."""
+    return 1.0 / float(np.sqrt(max(num_elements, 1) * q_max))
 
 
 def lsq_num_elements_weights(shape: tuple[int, ...], channel_axis: int | None) -> int:
     """N of LSQ for a weight: the elements one threshold acts on (per channel, or the whole tensor)."""
     size = int(np.prod(shape, dtype=np.int64))
-    return size if channel_axis is None else size // int(shape[normalize_axis(channel_axis, len(shape))])
+    if channel_axis is None:
+        return size
+    return size // max(int(shape[normalize_axis(channel_axis, len(shape))]), 1)
 
 
 def lsq_num_elements_activations(shape: tuple[int, ...]) -> int:

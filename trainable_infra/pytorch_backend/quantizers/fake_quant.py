@@ -29,7 +29,10 @@ def fake_quantize(
         return torch.fake_quantize_per_channel_affine(x, delta, zero_point, axis, q_min, q_max)
     d = delta.view(view)
     z = zero_point.view(view).to(torch.float32)
-    steps = torch.round(x * torch.reciprocal(d)).add_(z).clamp_(q_min, q_max).sub_(z)
+    # Per-tensor, Δ is a 0-dim tensor, which does not promote a float16 / bfloat16 input: compute it in float32
+    # as the fused kernel does (per-channel, the C-length Δ promotes it by itself).
+    work = x.float() if axis is None and x.dtype in (torch.float16, torch.bfloat16) else x
+    steps = torch.round(work * torch.reciprocal(d)).add_(z).clamp_(q_min, q_max).sub_(z)
     return steps.mul_(d).to(x.dtype)
 
 
