@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Hashable, Iterable
-from fnmatch import fnmatchcase
 from typing import Any
 
 import keras
@@ -24,13 +23,18 @@ import keras
 from keras.src.models.functional import Functional
 
 from trainable_infra.common.calibration import (
-    DEFAULT_ACTIVATION_THRESHOLD,
     default_activation_params,
     weight_quant_params,
 )
 from trainable_infra.common.config import TrainableQuantizerActivationConfig, TrainableQuantizerWeightsConfig
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
+from trainable_infra.common.model_plan import (
+    check_overrides,
+    check_qat_arguments,
+    holder_name,
+    warn_no_representative_data,
+)
 from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
@@ -79,25 +83,7 @@ def _check_arguments(model: Any, qat_config: Any, num_calibration_batches: Any) 
             f"model {model.name!r} is not built: give the Sequential model a keras.Input (or call build) so that "
             "its weights exist"
         )
-    if qat_config is None:
-        qat_config = QATConfig()
-    if not isinstance(qat_config, QATConfig):
-        raise QuantizationConfigError(f"qat_config must be a QATConfig, got {qat_config!r}")
-    if num_calibration_batches is not None and (
-        isinstance(num_calibration_batches, bool) or not isinstance(num_calibration_batches, int)
-        or num_calibration_batches < 1
-    ):
-        raise QuantizationConfigError(
-            f"num_calibration_batches must be a positive int or None (all batches), got {num_calibration_batches!r}"
-        )
-    if qat_config.layer_types is not None:
-        unknown = sorted(set(qat_config.layer_types) - set(QUANTIZABLE_LAYERS))
-        if unknown:
-            raise QuantizationConfigError(
-                f"layer_types names {unknown}, which the Keras backend cannot quantize; "
-                f"supported: {sorted(QUANTIZABLE_LAYERS)}"
-            )
-    return qat_config
+    return check_qat_arguments(qat_config, num_calibration_batches, QUANTIZABLE_LAYERS, "Keras")
 
 
 def quantized_kernels(layer: keras.layers.Layer, config: QATConfig) -> dict[str, int] | None:
@@ -258,27 +244,9 @@ class _Plan:
     holders: dict[Hashable, KerasActivationQuantizationHolder]  # tensor key -> the holder applied to it
 
 
-def _check_overrides(config: QATConfig, names: list[str]) -> None:
-    for override in config.overrides:
-        if not any(fnmatchcase(name, override.pattern) for name in names):
-            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise QuantizationConfigError(
-                f"override pattern {override.pattern!r} matches no layer of the model; its layers are: {shown}"
-            )
-
-
-def _holder_name(base: str, taken: set[str]) -> str:
-    name = f"{base}_activation_quantizer"
-    unique, index = name, 1
-    while unique in taken:
-        unique, index = f"{name}_{index}", index + 1
-    taken.add(unique)
-    return unique
-
-
 def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
     names = [input_name(t) for _, t in graph.inputs] + [c.layer.name for c in graph.calls]
-    _check_overrides(config, list(dict.fromkeys(names)))
+    check_overrides(config, list(dict.fromkeys(names)))
     consumers = graph.consumers()
     wrappers: dict[int, KerasTrainableQuantizationWrapper] = {}
     # (tensor key, its producer (None for an input), the name its settings come from)
@@ -318,7 +286,7 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
         activation = _activation_name(producer) if producer is not None else None
         signed = activation not in NON_NEGATIVE_ACTIVATIONS
         params = default_activation_params(settings.activation_quantization_method, signed)
-        holders[key] = make_holder(settings, config, params, _holder_name(base, taken))
+        holders[key] = make_holder(settings, config, params, holder_name(base, taken))
     return _Plan(wrappers, holders)
 
 
@@ -432,13 +400,7 @@ def quantize_model(
     if not plan.holders:
         return qat_model
     if representative_data is None:
-        t = DEFAULT_ACTIVATION_THRESHOLD
-        warnings.warn(
-            f"quantize_model got no representative_data: activation quantizers start at a threshold of {t:g} "
-            f"(range [-{t:g}, {t:g}], or [0, {t:g}] after ReLU); call calibrate(model, data) or pass "
-            "representative_data",
-            stacklevel=2,
-        )
+        warn_no_representative_data()
         return qat_model
     calibrate(qat_model, representative_data, num_calibration_batches, config.activation_calibration,
               progress=progress)

@@ -15,7 +15,6 @@ import copy
 import operator
 import warnings
 from collections.abc import Iterable
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -26,6 +25,12 @@ from trainable_infra.common.calibration import default_activation_params, weight
 from trainable_infra.common.config import TrainableQuantizerActivationConfig, TrainableQuantizerWeightsConfig
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
+from trainable_infra.common.model_plan import (
+    check_overrides,
+    check_qat_arguments,
+    holder_name,
+    warn_no_representative_data,
+)
 from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
@@ -60,25 +65,7 @@ _MERGE_METHODS = {"add", "add_"}
 def _check_arguments(model: Any, qat_config: Any, num_calibration_batches: Any) -> QATConfig:
     if not isinstance(model, nn.Module):
         raise QuantizationConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if qat_config is None:
-        qat_config = QATConfig()
-    if not isinstance(qat_config, QATConfig):
-        raise QuantizationConfigError(f"qat_config must be a QATConfig, got {qat_config!r}")
-    if num_calibration_batches is not None and (
-        isinstance(num_calibration_batches, bool) or not isinstance(num_calibration_batches, int)
-        or num_calibration_batches < 1
-    ):
-        raise QuantizationConfigError(
-            f"num_calibration_batches must be a positive int or None (all batches), got {num_calibration_batches!r}"
-        )
-    if qat_config.layer_types is not None:
-        unknown = sorted(set(qat_config.layer_types) - set(QUANTIZABLE_LAYERS))
-        if unknown:
-            raise QuantizationConfigError(
-                f"layer_types names {unknown}, which the PyTorch backend cannot quantize; "
-                f"supported: {sorted(QUANTIZABLE_LAYERS)}"
-            )
-    return qat_config
+    return check_qat_arguments(qat_config, num_calibration_batches, QUANTIZABLE_LAYERS, "PyTorch")
 
 
 def _layer_types(config: QATConfig) -> tuple[type[nn.Module], ...]:
@@ -127,16 +114,6 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def _check_overrides(config: QATConfig, names: Iterable[str]) -> None:
-    names = list(names)
-    for override in config.overrides:
-        if not any(fnmatchcase(name, override.pattern) for name in names):
-            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise QuantizationConfigError(
-                f"override pattern {override.pattern!r} matches no layer of the model; its layers are: {shown}"
-            )
-
-
 # --- torch.fx path ------------------------------------------------------------------------------------------
 
 
@@ -181,21 +158,12 @@ def _chain_end(node: fx.Node, modules: dict[str, nn.Module], through_batch_norm:
     return current
 
 
-def _holder_name(base: str, taken: set[str]) -> str:
-    name = f"{base.replace('.', '_')}_activation_quantizer"
-    unique, index = name, 1
-    while unique in taken:
-        unique, index = f"{name}_{index}", index + 1
-    taken.add(unique)
-    return unique
-
-
 def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[LayerSettings, bool]]:
     """Wrap layers and insert holders in a traced model; returns {holder name: (settings, signed)}."""
     modules = dict(gm.named_modules())
     layer_types = _layer_types(config)
     graph = gm.graph
-    _check_overrides(config, [*modules, *(node.name for node in graph.nodes)])
+    check_overrides(config, [*modules, *(node.name for node in graph.nodes)])
 
     outputs: list[tuple[fx.Node, str]] = []  # (node whose output is quantized, name its settings come from)
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
@@ -221,7 +189,7 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
         if end in done or settings.skip:
             continue
         done.add(end)
-        name = _holder_name(base, taken)
+        name = holder_name(base, taken)
         signed = not _is_non_negative(end, modules)
         gm.add_submodule(name, make_holder(settings, config, default_activation_params(
             settings.activation_quantization_method, signed)))
@@ -243,7 +211,7 @@ class _ActivationThenQuantize(nn.Sequential):
 def _quantize_modules(model: nn.Module, config: QATConfig, reason: str) -> dict[str, tuple[LayerSettings, bool]]:
     layer_types = _layer_types(config)
     named = dict(model.named_modules())
-    _check_overrides(config, named)
+    check_overrides(config, list(named))
     wrapped, holders = [], {}
     taken = set(named)
     for name, module in named.items():
@@ -325,11 +293,7 @@ def quantize_model(
     if not holders:
         return qat_model
     if representative_data is None:
-        warnings.warn(
-            "quantize_model got no representative_data: activation quantizers start at a threshold of 8 "
-            "(range [-8, 8], or [0, 8] after ReLU); call calibrate(model, data) or pass representative_data",
-            stacklevel=2,
-        )
+        warn_no_representative_data()
         return qat_model
     calibrate(qat_model, representative_data, num_calibration_batches, config.activation_calibration,
               progress=progress)

@@ -1,0 +1,67 @@
+"""What `quantize_model` decides the same way in both backends: argument checks, overrides, holder names."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+from trainable_infra.common.calibration import DEFAULT_ACTIVATION_THRESHOLD
+from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.qat_config import QATConfig
+
+
+def check_qat_arguments(
+    qat_config: Any, num_calibration_batches: Any, supported_layer_types: Iterable[str], backend: str
+) -> QATConfig:
+    """The `QATConfig` to use (the default when None), after checking it and the calibration batch count."""
+    if qat_config is None:
+        qat_config = QATConfig()
+    if not isinstance(qat_config, QATConfig):
+        raise QuantizationConfigError(f"qat_config must be a QATConfig, got {qat_config!r}")
+    if num_calibration_batches is not None and (
+        isinstance(num_calibration_batches, bool) or not isinstance(num_calibration_batches, int)
+        or num_calibration_batches < 1
+    ):
+        raise QuantizationConfigError(
+            f"num_calibration_batches must be a positive int or None (all batches), got {num_calibration_batches!r}"
+        )
+    if qat_config.layer_types is not None:
+        supported = sorted(supported_layer_types)
+        unknown = sorted(set(qat_config.layer_types) - set(supported))
+        if unknown:
+            raise QuantizationConfigError(
+                f"layer_types names {unknown}, which the {backend} backend cannot quantize; supported: {supported}"
+            )
+    return qat_config
+
+
+def check_overrides(config: QATConfig, names: Sequence[str]) -> None:
+    """Raise unless every override pattern of `config` matches at least one of the model's layer `names`."""
+    for override in config.overrides:
+        if not any(fnmatchcase(name, override.pattern) for name in names):
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise QuantizationConfigError(
+                f"override pattern {override.pattern!r} matches no layer of the model; its layers are: {shown}"
+            )
+
+
+def holder_name(base: str, taken: set[str]) -> str:
+    """A new name "<base>_activation_quantizer" (dots made underscores), made unique among `taken` and added."""
+    name = f"{base.replace('.', '_')}_activation_quantizer"
+    unique, index = name, 1
+    while unique in taken:
+        unique, index = f"{name}_{index}", index + 1
+    taken.add(unique)
+    return unique
+
+
+def warn_no_representative_data() -> None:
+    """Say that activation quantizers start at their defaults because no data was given."""
+    t = DEFAULT_ACTIVATION_THRESHOLD
+    warnings.warn(
+        f"quantize_model got no representative_data: activation quantizers start at a threshold of {t:g} "
+        f"(range [-{t:g}, {t:g}], or [0, {t:g}] after ReLU); call calibrate(model, data) or pass representative_data",
+        stacklevel=3,
+    )
