@@ -28,11 +28,6 @@ from tests.numerics.params import backend_case_params
 
 f32 = np.float32
 LSQ_CASES = [case for case in CASES if case.is_lsq]
-KERAS_LSQ_NAN_GRADIENT_BUG = (
-    "Keras LSQ quantizers pass the upstream gradient at NaN inputs (their mask is 'not below and not above the "
-    "range', true for NaN; common.numerics.lsq_grads_* do the same), where Keras STE and both PyTorch quantizers "
-    "give 0"
-)
 TORCH_HARDTANH_NAN_BUG = (
     "PyTorch per-tensor quantizers on the CPU (eager float32) compute the input gradient with "
     "aten.hardtanh_backward, whose vectorized loop gives 0 at NaN but whose scalar tail (the last numel mod the "
@@ -86,8 +81,6 @@ def test_infinities_clip_to_range_ends(backend, case):
 
 
 def _nan_gradient_bug(backend, case):
-    if backend == "keras" and case.is_lsq:
-        return KERAS_LSQ_NAN_GRADIENT_BUG
     if backend == "pytorch" and case.axis is None:
         return TORCH_HARDTANH_NAN_BUG
     return None

@@ -300,7 +300,7 @@ def lsq_grads_symmetric(
     delta, q_min, q_max = _symmetric_grid(x, threshold, n_bits, signed, min_threshold, power_of_two, channel_axis)
     u = x / delta
     below, above = x < delta * q_min, x > delta * q_max
-    inside = ~below & ~above
+    inside = (x >= delta * q_min) & (x <= delta * q_max)  # not "~below & ~above": NaN is not inside
     d_delta = np.where(below, q_min, np.where(above, q_max, round_values(u, rounding) - u))
     scale = lsq_grad_scale(num_elements, q_max) / 2 ** (n_bits - int(signed))
     d_threshold = _reduce_to(grad_output.astype(np.float64) * d_delta * scale, threshold, channel_axis)
@@ -328,8 +328,9 @@ def lsq_grads_uniform(
     delta, zero_point, a_adj, b_adj, levels = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
     u = x / delta + zero_point
     below, above = x < a_adj, x > b_adj
-    inside = ~below & ~above
-    rounding_error = np.where(inside, round_values(u, rounding) - u, 0).astype(np.float64)
+    inside = (x >= a_adj) & (x <= b_adj)  # not "~below & ~above": NaN is not inside
+    # NaN is not clipped either: its rounding error (NaN) reaches the range gradients.
+    rounding_error = np.where(below | above, 0, round_values(u, rounding) - u).astype(np.float64)
     g = lsq_grad_scale(num_elements, levels)
     d_min = grad_output * (np.where(below, 1.0, 0.0) - rounding_error / levels) * g
     d_max = grad_output * (np.where(above, 1.0, 0.0) + rounding_error / levels) * g

@@ -123,7 +123,8 @@ def lsq_symmetric(
             d_threshold = tf.reduce_sum(dyf * d_delta, axis=reduce_axes) * (g * step)
             # The min_threshold clamp passes the gradient only where it is inactive; 2^ceil(log2 t) passes it.
             d_threshold = d_threshold * tf.cast(threshold >= np.float32(min_threshold), tf.float32)
-            inside = tf.logical_not(tf.logical_or(below, above))
+            # Compared directly (not "neither below nor above") so that NaN inputs get no gradient, as in STE.
+            inside = tf.logical_and(xf >= delta * q_min, xf <= delta * q_max)
             return dy * tf.cast(inside, dy.dtype), tf.reshape(d_threshold, tf.shape(threshold))
 
         return y, grad
@@ -157,8 +158,11 @@ def lsq_uniform(
             u = xf / delta + zero_point
             below = xf < -zero_point * delta
             above = xf > (levels - zero_point) * delta
-            inside = tf.logical_not(tf.logical_or(below, above))
-            error = tf.where(inside, tf.floor(u + 0.5) - u, 0.0) * inv_levels
+            # The input gradient compares with the range directly so that NaN inputs get none, as in STE; the
+            # rounding error keeps "neither below nor above", so that a NaN input makes the range gradients NaN.
+            inside = tf.logical_and(xf >= -zero_point * delta, xf <= (levels - zero_point) * delta)
+            clipped = tf.logical_or(below, above)
+            error = tf.where(clipped, 0.0, tf.floor(u + 0.5) - u) * inv_levels
             g = _activation_grad_scale(x, levels) if grad_scale is None else grad_scale
             d_min = tf.reduce_sum(dyf * (tf.cast(below, tf.float32) - error), axis=reduce_axes) * g
             d_max = tf.reduce_sum(dyf * (tf.cast(above, tf.float32) + error), axis=reduce_axes) * g
