@@ -18,9 +18,8 @@ from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.keras_backend.wrappers import (
     PACKAGE,
     QuantizedWeight,
+    WeightsWrapperBase,
     call_with_weights,
-    check_layer,
-    check_weights_quantizers,
     layer_variable,
 )
 
@@ -58,7 +57,7 @@ def _inferable_call(quantizer: BaseKerasInferableQuantizer, inputs: Any) -> Any:
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class KerasInferableQuantizationWrapper(keras.layers.Layer):
+class KerasInferableQuantizationWrapper(WeightsWrapperBase):
     """Runs a layer with its weights fake-quantized by mct-quantizers Keras inferable quantizers.
 
     Args:
@@ -67,22 +66,8 @@ class KerasInferableQuantizationWrapper(keras.layers.Layer):
         **kwargs: Keras layer arguments (`name` defaults to "quant_" + the layer's name).
     """
 
-    def __init__(self, layer: keras.layers.Layer, weights_quantizers: Mapping[str, BaseKerasInferableQuantizer],
-                 **kwargs: Any):
-        check_layer(layer)
-        quantizers = check_weights_quantizers(
-            weights_quantizers, BaseKerasInferableQuantizer, "mct-quantizers Keras inferable quantizer"
-        )
-        kwargs.setdefault("name", f"quant_{layer.name}")
-        kwargs.setdefault("dtype", layer.dtype_policy)
-        super().__init__(autocast=False, **kwargs)
-        self.supports_jit = False  # no XLA: see the note on it in wrappers.py
-        self.layer = layer
-        self.weights_quantizers = quantizers
-        self.supports_masking = layer.supports_masking
-        if layer.built:
-            for name in quantizers:
-                layer_variable(layer, name, "weights_quantizers")
+    quantizer_base = BaseKerasInferableQuantizer
+    quantizer_kind = "mct-quantizers Keras inferable quantizer"
 
     def build(self, input_shape: Any) -> None:
         if not self.layer.built:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import keras
 import tensorflow as tf
@@ -121,8 +121,33 @@ def check_layer(layer: Any) -> keras.layers.Layer:
     return layer
 
 
+class WeightsWrapperBase(keras.layers.Layer):
+    """What the trainable and the inferable weights wrappers share: argument checks, name, dtype, masking.
+
+    A subclass names the quantizer base class it takes (`quantizer_base`) and how to call it in messages.
+    """
+
+    quantizer_base: ClassVar[type]
+    quantizer_kind: ClassVar[str]
+
+    def __init__(self, layer: keras.layers.Layer, weights_quantizers: Mapping[str, Any], **kwargs: Any):
+        check_layer(layer)
+        quantizers = check_weights_quantizers(weights_quantizers, self.quantizer_base, self.quantizer_kind)
+        kwargs.setdefault("name", f"quant_{layer.name}")
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        # No autocast: quantizers read float32 variables; the wrapped layer still autocasts its own reads.
+        super().__init__(autocast=False, **kwargs)
+        self.supports_jit = False  # no XLA: see the note on it above
+        self.layer = layer
+        self.weights_quantizers = quantizers
+        self.supports_masking = layer.supports_masking
+        if layer.built:
+            for name in quantizers:
+                layer_variable(layer, name, "weights_quantizers")
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class KerasTrainableQuantizationWrapper(keras.layers.Layer):
+class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
     """Runs a layer with its weights fake-quantized by trainable quantizers.
 
     The layer's own `call` runs with each quantized variable substituted by its quantized value; gradients reach
@@ -140,23 +165,8 @@ class KerasTrainableQuantizationWrapper(keras.layers.Layer):
         ...     keras.layers.Conv2D(16, 3), {"kernel": STESymmetricWeightQuantizer(weights_config)})
     """
 
-    def __init__(self, layer: keras.layers.Layer, weights_quantizers: Mapping[str, BaseKerasTrainableQuantizer],
-                 **kwargs: Any):
-        check_layer(layer)
-        quantizers = check_weights_quantizers(
-            weights_quantizers, BaseKerasTrainableQuantizer, "Keras weights trainable quantizer"
-        )
-        kwargs.setdefault("name", f"quant_{layer.name}")
-        kwargs.setdefault("dtype", layer.dtype_policy)
-        # No autocast: quantizers read float32 variables; the wrapped layer still autocasts its own reads.
-        super().__init__(autocast=False, **kwargs)
-        self.supports_jit = False  # no XLA: see the note on it in wrappers.py
-        self.layer = layer
-        self.weights_quantizers = quantizers
-        self.supports_masking = layer.supports_masking
-        if layer.built:
-            for name in quantizers:
-                layer_variable(layer, name, "weights_quantizers")
+    quantizer_base = BaseKerasTrainableQuantizer
+    quantizer_kind = "Keras weights trainable quantizer"
 
     def build(self, input_shape: Any) -> None:
         if not self.layer.built:
