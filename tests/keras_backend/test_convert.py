@@ -183,10 +183,15 @@ def test_unsupported_models_are_refused(make, message):
         convert_to_inferable(make())
 
 
-def test_learned_range_that_crossed_is_refused_with_the_values():
+def test_learned_range_that_crossed_converts_to_the_range_trained():
+    """range_min 0.7 > range_max 0.2: the grid spans [0, 0.2] (the range widened to contain zero), and the
+    inferable quantizer is given that range."""
     model = _one_layer_model(LSQUniformActivationQuantizer, QuantizationMethod.UNIFORM)
     quantizer = model.layers[1].activation_quantizer
     quantizer.range_min.assign(0.7)
     quantizer.range_max.assign(0.2)
-    with pytest.raises(TrainableInfraError, match=r"range_min >= range_max \(range_min=\[0\.69"):
-        convert_to_inferable(model)
+    converted = convert_to_inferable(model)
+    inferable = converted.layers[1].activation_quantizer
+    np.testing.assert_array_equal([inferable.min_range, inferable.max_range], [[0.0], [np.float32(0.2)]])
+    x = np.linspace(-1.0, 1.0, 35, dtype=np.float32).reshape(7, 5)
+    np.testing.assert_array_equal(converted(x).numpy(), model(x, training=False).numpy())

@@ -1,4 +1,7 @@
-"""Bad input to the Keras backend raises the library's exceptions naming the argument, the value, what is allowed."""
+"""Bad input to the Keras backend raises the library's exceptions naming the argument, the value, what is allowed.
+
+The cross-backend table of bad inputs is tests/test_bad_inputs.py; these are the Keras-only ones.
+"""
 
 import keras
 import numpy as np
@@ -10,14 +13,10 @@ from trainable_infra import (
     QuantizationMethod,
     QuantizationTarget,
     QuantizerDefinitionError,
-    QuantizerNotFoundError,
-    TrainingMethod,
-    get_trainable_quantizer_class,
     mark_quantizer,
 )
 from trainable_infra.keras_backend import (
     BaseKerasActivationTrainableQuantizer,
-    BaseKerasTrainableQuantizer,
     BaseKerasWeightTrainableQuantizer,
     KerasActivationQuantizationHolder,
     KerasInferableActivationQuantizationHolder,
@@ -28,7 +27,6 @@ from trainable_infra.keras_backend import (
     STESymmetricActivationQuantizer,
     STESymmetricWeightQuantizer,
     STEUniformWeightQuantizer,
-    keras_load_quantized_model,
 )
 from trainable_infra.keras_backend.inferable_wrappers import deserialize_inferable
 
@@ -117,11 +115,6 @@ BAD_INPUTS = {
         lambda: WrongTargetQuantizer(weights_config()),
         QuantizerDefinitionError, ["WrongTargetQuantizer", "Weights", "QuantizationTarget.Activation"],
     ),
-    "no-quantizer-for-method": (
-        lambda: get_trainable_quantizer_class(QuantizationTarget.Weights, TrainingMethod.LSQ,
-                                              QuantizationMethod.LUT_SYM_QUANTIZER, BaseKerasTrainableQuantizer),
-        QuantizerNotFoundError, ["identifier <TrainingMethod.LSQ", "LUT_SYM_QUANTIZER", "LSQSymmetricWeightQuantizer"],
-    ),
     "attribute-the-built-layer-lacks": (
         lambda: KerasTrainableQuantizationWrapper(_built_dense(), {"kernal": STESymmetricWeightQuantizer(
             weights_config())}),
@@ -142,11 +135,6 @@ BAD_INPUTS = {
             weights_config())]),
         QuantizationConfigError, ["weights_quantizers must be a dict", "[STESymmetricWeightQuantizer("],
     ),
-    "weights-quantizer-not-a-quantizer": (
-        lambda: KerasTrainableQuantizationWrapper(keras.layers.Dense(3), {"kernel": "ste"}),
-        QuantizationConfigError, ["weights_quantizers['kernel'] must be a Keras weights trainable quantizer",
-                                  "'ste'"],
-    ),
     "activation-quantizer-on-a-weight": (
         lambda: KerasTrainableQuantizationWrapper(keras.layers.Dense(3), {"kernel": STESymmetricActivationQuantizer(
             activation_config())}),
@@ -163,17 +151,9 @@ BAD_INPUTS = {
         QuantizationConfigError, ["activation_quantizer (STESymmetricActivationQuantizer) already quantizes",
                                   "layer 'a'", "layer 'b' needs its own quantizer instance"],
     ),
-    "layer-not-a-keras-layer": (
-        lambda: KerasTrainableQuantizationWrapper("dense", {}),
-        QuantizationConfigError, ["layer must be a Keras 3 layer", "'dense'"],
-    ),
     "holder-given-a-weights-quantizer": (
         lambda: KerasActivationQuantizationHolder(STESymmetricWeightQuantizer(weights_config())),
         QuantizationConfigError, ["activation_quantizer quantizes Weights, not Activation"],
-    ),
-    "holder-given-something-else": (
-        lambda: KerasActivationQuantizationHolder(None),
-        QuantizationConfigError, ["activation_quantizer must be a Keras activation trainable quantizer", "None"],
     ),
     "inferable-wrapper-given-a-trainable-quantizer": (
         lambda: KerasInferableQuantizationWrapper(keras.layers.Dense(3), {"kernel": STESymmetricWeightQuantizer(
@@ -192,19 +172,6 @@ BAD_INPUTS = {
     "variable-group-not-a-member": (
         lambda: STESymmetricActivationQuantizer(activation_config()).get_trainable_variables("qparams"),
         QuantizationConfigError, ["group must be a VariableGroup member", "'qparams'"],
-    ),
-    "from-config-with-unknown-key": (
-        lambda: STESymmetricActivationQuantizer.from_config(
-            {"quantization_config": activation_config().to_dict(), "bits": 4}),
-        QuantizationConfigError, ["unknown keys ['bits']", "freeze_quant_params"],
-    ),
-    "freeze-quant-params-not-a-bool": (
-        lambda: LSQSymmetricWeightQuantizer(weights_config(), freeze_quant_params="yes"),
-        QuantizationConfigError, ["freeze_quant_params must be a bool", "'yes'"],
-    ),
-    "custom-objects-not-a-dict": (
-        lambda: keras_load_quantized_model("m.keras", custom_objects=[STESymmetricWeightQuantizer]),
-        QuantizationConfigError, ["custom_objects must be a dict", "STESymmetricWeightQuantizer"],
     ),
 }
 

@@ -1,4 +1,7 @@
-"""Bad input to PyTorch quantizers and wrappers: the library's exception, naming the problem."""
+"""Bad input to PyTorch quantizers and wrappers: the library's exception, naming the problem.
+
+The cross-backend table of bad inputs is tests/test_bad_inputs.py; these are the PyTorch-only ones.
+"""
 
 from __future__ import annotations
 
@@ -50,8 +53,6 @@ class Undecorated(BasePytorchWeightTrainableQuantizer):
 
 
 CASES = [
-    ("activation config for a weight quantizer", lambda: STESymmetricWeightQuantizer(activation_config()),
-     QuantizationConfigError, "needs a TrainableQuantizerWeightsConfig"),
     ("method the quantizer does not support", lambda: STESymmetricWeightQuantizer(
         weights_config(UNI, {"range_min": -1.0, "range_max": 1.0})),
      QuantizationConfigError, "supports quantization methods SYMMETRIC, POWER_OF_TWO, got UNIFORM"),
@@ -72,24 +73,12 @@ CASES = [
      QuantizationConfigError, "does not fit a tensor of shape (4, 3) with channel axis 0"),
     ("undecorated quantizer", lambda: Undecorated(weights_config()),
      QuantizerDefinitionError, "Undecorated must be decorated with @mark_quantizer"),
-    ("attribute the module lacks", lambda: PytorchTrainableQuantizationWrapper(
-        nn.Linear(3, 4), {"kernel": STESymmetricWeightQuantizer(weights_config())}),
-     QuantizationConfigError, "weights_quantizers names 'kernel', which is not a tensor attribute of Linear; "
-     "its parameters are ['weight', 'bias']"),
     ("module that is not a module", lambda: PytorchTrainableQuantizationWrapper(
         "conv", {"weight": STESymmetricWeightQuantizer(weights_config())}),
      QuantizationConfigError, "module must be a torch.nn.Module, got str"),
-    ("quantizers not a dict", lambda: PytorchTrainableQuantizationWrapper(
-        nn.Linear(3, 4), [STESymmetricWeightQuantizer(weights_config())]),
-     QuantizationConfigError, "weights_quantizers must be a dict"),
     ("activation quantizer on a weight", lambda: PytorchTrainableQuantizationWrapper(
         nn.Linear(3, 4), {"weight": STESymmetricActivationQuantizer(activation_config())}),
      QuantizationConfigError, "weights_quantizers['weight'] must quantize Weights"),
-    ("weight quantizer in a holder", lambda: PytorchTrainableActivationQuantizationHolder(
-        STESymmetricWeightQuantizer(weights_config())),
-     QuantizationConfigError, "activation_quantizer must quantize Activation"),
-    ("not a quantizer", lambda: PytorchTrainableActivationQuantizationHolder(torch.relu),
-     QuantizationConfigError, "activation_quantizer must be a PyTorch trainable quantizer"),
     ("variables on something that is not a module", lambda: STESymmetricWeightQuantizer(
         weights_config()).initialize_quantization((4, 3), "weight", object()),
      QuantizationConfigError, "layer must be the torch.nn.Module that holds the quantizer's variables"),

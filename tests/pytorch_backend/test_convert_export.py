@@ -53,7 +53,10 @@ def test_converted_outputs_are_identical(trained):
 def test_onnx_export_runs_in_onnxruntime_and_matches(trained, tmp_path):
     converted = convert_to_inferable(trained)
     x, _ = digits(64)
-    path = export_onnx(converted, tmp_path / "model.onnx", x[:4])  # the batch axis stays free
+    report = export_onnx(converted, tmp_path / "model.onnx", x[:4])  # the batch axis stays free
+    assert (report.path, report.format) == (str(tmp_path / "model.onnx"), "custom_ops")
+    assert report.max_abs_diff <= 1e-6  # measured by the export itself, on x[:4]
+    path = report.path
     graph = onnx.load(path)
     onnx.checker.check_model(graph)
     custom = {node.domain for node in graph.graph.node} - {"", "ai.onnx"}

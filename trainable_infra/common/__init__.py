@@ -7,14 +7,18 @@ from trainable_infra.common.config import (
     TrainableQuantizerWeightsConfig,
     config_from_dict,
 )
+from trainable_infra.common.debug import check_finite
 from trainable_infra.common.enums import TrainingMethod, VariableGroup
 from trainable_infra.common.errors import (
     AmbiguousQuantizerError,
+    ExportValidationError,
+    NonFiniteError,
     QuantizationConfigError,
     QuantizerDefinitionError,
     QuantizerNotFoundError,
     TrainableInfraError,
 )
+from trainable_infra.common.export import ExportReport
 from trainable_infra.common.mct import QuantizationMethod, QuantizationTarget, mark_quantizer
 from trainable_infra.common.qat_config import LayerOverride, LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
@@ -23,9 +27,12 @@ from trainable_infra.common.schedules import LinearAnnealing
 __all__ = [
     "AmbiguousQuantizerError",
     "BaseTrainableQuantizer",
+    "ExportReport",
+    "ExportValidationError",
     "LayerOverride",
     "LayerSettings",
     "LinearAnnealing",
+    "NonFiniteError",
     "QATConfig",
     "QuantizationConfigError",
     "QuantizationMethod",
@@ -38,6 +45,7 @@ __all__ = [
     "TrainableQuantizerWeightsConfig",
     "TrainingMethod",
     "VariableGroup",
+    "check_finite",
     "config_from_dict",
     "get_trainable_quantizer_class",
     "mark_quantizer",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABCMeta, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
 from trainable_infra.common.config import (
@@ -193,7 +194,8 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
             raise QuantizationConfigError(f"group must be a VariableGroup member, got {group!r}")
         if group is VariableGroup.QPARAMS and self.freeze_quant_params:
             return []
-        return [entry.variable for entry in self.quantizer_parameters.values() if entry.group is group]
+        names = [name for name, entry in self.quantizer_parameters.items() if entry.group is group]
+        return [self.get_quantizer_variable(name) for name in names]
 
     def weights_quantization(self) -> bool:
         """Whether this quantizer quantizes weights (and that quantization is enabled)."""
@@ -210,12 +212,15 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
         arguments = dict(self._init_arguments)
         first = next(iter(arguments))
         arguments[first] = self.quantization_config.to_dict()
+        if "freeze_quant_params" in arguments:
+            # The validated value: the argument as given may be e.g. a numpy bool, which JSON cannot hold.
+            arguments["freeze_quant_params"] = self.freeze_quant_params
         return arguments
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> BaseTrainableQuantizer:
+    def from_config(cls, config: Mapping[str, Any]) -> BaseTrainableQuantizer:
         """Build a quantizer from a dict made by `get_config`."""
-        if not isinstance(config, dict):
+        if not isinstance(config, Mapping):
             raise QuantizationConfigError(
                 f"{cls.__name__}.from_config expects a dict, got {config!r} of type {type(config).__name__}"
             )
@@ -224,7 +229,15 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
         first = parameters[0] if parameters else "quantization_config"
         if first not in arguments:
             raise QuantizationConfigError(f"{cls.__name__}.from_config: missing key {first!r} in {config!r}")
-        arguments[first] = config_from_dict(arguments[first])
+        quantization_config = arguments[first]
+        if not isinstance(quantization_config, (Mapping, TrainableQuantizerWeightsConfig,
+                                                TrainableQuantizerActivationConfig)):
+            raise QuantizationConfigError(
+                f"{cls.__name__}.from_config: {first!r} must be a config dict made by to_dict() (or a config), got "
+                f"{quantization_config!r} of type {type(quantization_config).__name__}"
+            )
+        if isinstance(quantization_config, Mapping):
+            arguments[first] = config_from_dict(quantization_config)
         unknown = sorted(str(k) for k in arguments if k not in parameters)
         if unknown and not any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()

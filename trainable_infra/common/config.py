@@ -25,6 +25,8 @@ MIN_N_BITS = 2
 MAX_N_BITS = 16
 # Parameters holding numbers: stored as a float (scalar) or a float64 array (per-channel), lists in JSON.
 _NUMERIC_PARAMS = (THRESHOLD, RANGE_MIN, RANGE_MAX)
+# Extra (non-standard) quantization parameters may nest lists this deep; deeper is refused, not recursed into.
+MAX_NESTING = 32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -34,6 +36,18 @@ _NUMERIC_PARAMS = (THRESHOLD, RANGE_MIN, RANGE_MAX)
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _finite_float(value: Any) -> float | None:
+    """`value` as a float if it is a real number that a float holds finitely, else None (an int too large for a
+    float included, which `float()` would raise OverflowError on)."""
+    if not _is_real(value):
+        return None
+    try:
+        result = float(value)
+    except OverflowError:
+        return None
+    return result if math.isfinite(result) else None
 
 
 def check_n_bits(name: str, value: Any) -> int:
@@ -62,11 +76,36 @@ def check_method(name: str, value: Any) -> QuantizationMethod:
     return value
 
 
+def check_finite_float(name: str, value: Any) -> float:
+    """Return `value` as a float if it is a finite real number, else raise."""
+    result = _finite_float(value)
+    if result is None:
+        raise QuantizationConfigError(f"{name} must be a finite number, got {value!r}")
+    return result
+
+
 def check_positive_float(name: str, value: Any) -> float:
     """Return `value` as a float if it is a finite number > 0, else raise."""
-    if not _is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
+    result = _finite_float(value)
+    if result is None or result <= 0:
         raise QuantizationConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return result
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    """Return `value` if it is one of the strings `allowed`, else raise."""
+    if not isinstance(value, str) or value not in allowed:
+        raise QuantizationConfigError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def check_optional_count(name: str, value: Any) -> int | None:
+    """Return `value` if it is None or an int >= 1 (a number of batches, where None means all), else raise."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise QuantizationConfigError(f"{name} must be a positive int or None (all batches), got {value!r}")
+    return int(value)
 
 
 def method_from_name(name: str, value: Any) -> QuantizationMethod:
@@ -82,36 +121,46 @@ def method_from_name(name: str, value: Any) -> QuantizationMethod:
 def _numeric_param(name: str, value: Any) -> float | np.ndarray:
     """A threshold or range value: a real scalar (-> float) or a non-empty real array (-> float64 copy)."""
     if _is_real(value):
-        result: float | np.ndarray = float(value)
-        finite = math.isfinite(result)
-    else:
-        if not isinstance(value, (list, tuple, np.ndarray)):
-            raise QuantizationConfigError(
-                f"{name} must be a number or an array of numbers, got {value!r} of type {type(value).__name__}"
-            )
-        try:
-            array = np.array(value)
-        except (ValueError, TypeError) as exc:
-            raise QuantizationConfigError(f"{name} must be a rectangular array of numbers, got {value!r}") from exc
-        if array.dtype.kind not in "iuf" or array.size == 0:
-            raise QuantizationConfigError(f"{name} must be a non-empty array of numbers, got {value!r}")
-        result = array.astype(np.float64)
-        finite = bool(np.all(np.isfinite(result)))
-    if not finite:
+        scalar = _finite_float(value)
+        if scalar is None:
+            raise QuantizationConfigError(f"{name} must be finite, got {value!r}")
+        return scalar
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise QuantizationConfigError(
+            f"{name} must be a number or an array of numbers, got {value!r} of type {type(value).__name__}"
+        )
+    try:
+        array = np.array(value)
+    except (ValueError, TypeError) as exc:
+        raise QuantizationConfigError(f"{name} must be a rectangular array of numbers, got {value!r}") from exc
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        raise QuantizationConfigError(f"{name} must be a non-empty array of numbers, got {value!r}")
+    result = array.astype(np.float64)
+    if not np.all(np.isfinite(result)):
         raise QuantizationConfigError(f"{name} must be finite, got {value!r}")
     return result
 
 
-def _json_value(name: str, value: Any) -> Any:
-    """An extra (non-standard) quantization parameter: kept if it is plain data that survives JSON."""
-    if value is None or isinstance(value, (bool, str)) or _is_real(value):
+def _json_value(name: str, value: Any, depth: int = 0) -> Any:
+    """An extra (non-standard) quantization parameter: kept if it is plain data that survives JSON.
+
+    Non-finite numbers are refused: strict JSON has no NaN or Infinity, and a NaN would make a config unequal
+    to its own round trip.
+    """
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        raise QuantizationConfigError(f"{name} must be a finite number, got {value!r}")
+    if value is None or isinstance(value, (bool, np.bool_, str)) or _is_real(value):
         return value.item() if isinstance(value, np.generic) else value
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise QuantizationConfigError(f"{name} must hold numbers, got an array of dtype {value.dtype}")
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise QuantizationConfigError(f"{name} must hold finite numbers, got {value!r}")
         return value.copy()
     if isinstance(value, (list, tuple)):
-        return [_json_value(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        if depth >= MAX_NESTING:
+            raise QuantizationConfigError(f"{name} nests lists more than {MAX_NESTING} deep")
+        return [_json_value(f"{name}[{i}]", v, depth + 1) for i, v in enumerate(value)]
     raise QuantizationConfigError(
         f"{name} must be a number, bool, string, None, array or list of those, got {value!r} "
         f"of type {type(value).__name__}"
@@ -231,7 +280,7 @@ class _Config:
                 f"{cls.__name__}.from_dict expects a dict, got {d!r} of type {type(d).__name__}"
             )
         kind = d.get("kind", cls.KIND)
-        if kind != cls.KIND:
+        if not isinstance(kind, str) or kind != cls.KIND:
             raise QuantizationConfigError(
                 f"{cls.__name__}.from_dict expects kind {cls.KIND!r}, got kind {kind!r}"
             )
@@ -275,9 +324,7 @@ class _Config:
 def _check_candidates(name: str, value: Any) -> list[TrainableQuantizerCandidateConfig] | None:
     if value is None:
         return None
-    if not isinstance(value, Sequence) or isinstance(value, str) or not all(
-        isinstance(c, TrainableQuantizerCandidateConfig) for c in value
-    ):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(c, TrainableQuantizerCandidateConfig) for c in value):
         raise QuantizationConfigError(
             f"{name} must be None or a list of TrainableQuantizerCandidateConfig, got {value!r}"
         )

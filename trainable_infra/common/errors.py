@@ -23,3 +23,12 @@ class AmbiguousQuantizerError(TrainableInfraError, LookupError):
 
 class QuantizerDefinitionError(TrainableInfraError, TypeError):
     """A trainable quantizer class is defined incorrectly (not decorated, bad `__init__` signature, ...)."""
+
+
+class ExportValidationError(TrainableInfraError):
+    """An export failed: the converter, the format's checker, the runtime, or the comparison with the model."""
+
+
+class NonFiniteError(TrainableInfraError, FloatingPointError):
+    """A quantizer met NaN or ±Inf: in an input or a variable while `check_finite` is on (which also rejects a
+    threshold <= 0 and an empty range), or in a parameter `convert2inferable` would export."""

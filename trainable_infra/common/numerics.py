@@ -8,7 +8,8 @@ Notation: n = n_bits, s = 1 if signed else 0, K = 2^n - 1.
   on the grid through the zero point: Δ = (b_c - a_c)/K, z = round(-a_c/Δ), a' = -z·Δ, b' = (K - z)·Δ
   (for a < 0 < b this is DESIGN.md's a' = Δ·round(a/Δ), b' = b - a + a'). Q(x) = (clip(round(x/Δ + z), 0, K) - z)·Δ,
   which is Δ·clip(round((x-a')/Δ), 0, K) + a' written so that zero is exact in floating point, as in torch's
-  fake-quant kernels and TensorFlow's nudged range.
+  fake-quant kernels and TensorFlow's nudged range. A range narrower than min_threshold (training can push
+  range_max to or below range_min) is held at that width: b_c = max(b_c, a_c + min_threshold), so Δ > 0.
 - Straight-through gradient: ∂Q/∂x = 1 for x in [Δ·q_min, Δ·q_max] (uniform: [a', b']), else 0.
 - LSQ (Esser et al., 2019): with u = x/Δ (uniform: (x-a')/Δ) and r = round(u), ∂Q/∂Δ is r - u inside the
   range and the clipping level (q_min or q_max) outside; the threshold gradient is ∂Q/∂Δ / 2^(n-s).
@@ -16,8 +17,8 @@ Notation: n = n_bits, s = 1 if signed else 0, K = 2^n - 1.
   ∂Q/∂b = 1. Parameter gradients are scaled by g = 1/sqrt(N·q_max) (uniform: q_max = K), N being the
   number of elements one parameter acts on (weights: per channel or per tensor; activations: the features
   of one sample, the paper's N_F), and pass through the clamps above only where the clamp is
-  inactive (threshold >= min_threshold, a <= 0, b >= 0); the power-of-two rounding of t passes straight
-  through.
+  inactive (threshold >= min_threshold, a <= 0, b >= 0, range not held at its minimal width); the
+  power-of-two rounding of t passes straight through.
 
 Rounding is a parameter: "half_even" is what torch's fake-quant kernels do, "half_up" is what TensorFlow's
 `fake_quant_with_min_max_vars*` ops (used by mct-quantizers' Keras quantizers) do. All maths runs in the
@@ -147,15 +148,33 @@ def effective_threshold(
     return power_of_two_threshold(t) if power_of_two else t
 
 
-def uniform_grid(
-    range_min: float | np.ndarray, range_max: float | np.ndarray, n_bits: int, rounding: Rounding = "half_even"
-) -> tuple[np.ndarray, np.ndarray]:
-    """(Δ, z): the step and the integer zero point of the uniform grid on [range_min, range_max] widened to 0."""
+def _include_zero(
+    range_min: float | np.ndarray, range_max: float | np.ndarray, min_threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a_c, b_c, held): the range widened to contain zero and to be at least `min_threshold` wide, and where
+    that width was imposed (the range had collapsed)."""
     a = np.asarray(range_min)
     b = np.asarray(range_max)
     dtype = np.result_type(a.dtype, b.dtype, np.float32)
     zero = dtype.type(0)
     a_c, b_c = np.minimum(a.astype(dtype), zero), np.maximum(b.astype(dtype), zero)
+    narrowest = a_c + dtype.type(min_threshold)
+    held = b_c < narrowest
+    return a_c, np.maximum(b_c, narrowest), held
+
+
+def uniform_grid(
+    range_min: float | np.ndarray,
+    range_max: float | np.ndarray,
+    n_bits: int,
+    rounding: Rounding = "half_even",
+    *,
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Δ, z): the step and the integer zero point of the uniform grid on [range_min, range_max] widened to 0
+    (and to a width of at least `min_threshold`)."""
+    a_c, b_c, _ = _include_zero(range_min, range_max, min_threshold)
+    dtype = a_c.dtype
     levels = 2**n_bits - 1
     delta = (b_c - a_c) / dtype.type(levels)
     zero_point = np.clip(round_values(-a_c / delta, rounding), 0, levels)
@@ -163,10 +182,15 @@ def uniform_grid(
 
 
 def adjust_range_to_include_zero(
-    range_min: float | np.ndarray, range_max: float | np.ndarray, n_bits: int, rounding: Rounding = "half_even"
+    range_min: float | np.ndarray,
+    range_max: float | np.ndarray,
+    n_bits: int,
+    rounding: Rounding = "half_even",
+    *,
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(a', b'): the range moved so that zero is a grid point, keeping its width where it straddles zero."""
-    delta, zero_point = uniform_grid(range_min, range_max, n_bits, rounding)
+    delta, zero_point = uniform_grid(range_min, range_max, n_bits, rounding, min_threshold=min_threshold)
     return -zero_point * delta, (2**n_bits - 1 - zero_point) * delta
 
 
@@ -199,10 +223,10 @@ def fake_quant_symmetric(
     return delta * np.clip(round_values(x / delta, rounding), q_min, q_max)
 
 
-def _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding):
+def _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding, min_threshold):
     a = _param(range_min, x, channel_axis, "range_min")
     b = _param(range_max, x, channel_axis, "range_max")
-    delta, zero_point = uniform_grid(a, b, n_bits, rounding)
+    delta, zero_point = uniform_grid(a, b, n_bits, rounding, min_threshold=min_threshold)
     delta, zero_point = delta.astype(x.dtype), zero_point.astype(x.dtype)
     levels = 2**n_bits - 1
     return delta, zero_point, -zero_point * delta, (levels - zero_point) * delta, levels
@@ -216,10 +240,13 @@ def fake_quant_uniform(
     *,
     channel_axis: int | None = None,
     rounding: Rounding = "half_even",
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
 ) -> np.ndarray:
     """Uniform (affine) fake quantization on the range adjusted to include zero."""
     x = _as_float_array(x)
-    delta, zero_point, _, _, levels = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
+    delta, zero_point, _, _, levels = _uniform_grid(
+        x, range_min, range_max, n_bits, channel_axis, rounding, min_threshold
+    )
     return (np.clip(round_values(x / delta + zero_point, rounding), 0, levels) - zero_point) * delta
 
 
@@ -252,10 +279,11 @@ def ste_mask_uniform(
     *,
     channel_axis: int | None = None,
     rounding: Rounding = "half_even",
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
 ) -> np.ndarray:
     """∂Q/∂x of the straight-through estimator: True where x lies in the adjusted range [a', b']."""
     x = _as_float_array(x)
-    _, _, a_adj, b_adj, _ = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
+    _, _, a_adj, b_adj, _ = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding, min_threshold)
     return (x >= a_adj) & (x <= b_adj)
 
 
@@ -318,6 +346,7 @@ def lsq_grads_uniform(
     num_elements: int,
     channel_axis: int | None = None,
     rounding: Rounding = "half_even",
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
 ) -> dict[str, np.ndarray]:
     """Gradients of sum(grad_output·Q(x)) for LSQ with learnable range_min / range_max.
 
@@ -325,7 +354,9 @@ def lsq_grads_uniform(
     """
     x = _as_float_array(x)
     grad_output = np.asarray(grad_output, dtype=x.dtype).astype(np.float64)
-    delta, zero_point, a_adj, b_adj, levels = _uniform_grid(x, range_min, range_max, n_bits, channel_axis, rounding)
+    delta, zero_point, a_adj, b_adj, levels = _uniform_grid(
+        x, range_min, range_max, n_bits, channel_axis, rounding, min_threshold
+    )
     u = x / delta + zero_point
     below, above = x < a_adj, x > b_adj
     inside = (x >= a_adj) & (x <= b_adj)  # not "~below & ~above": NaN is not inside
@@ -334,10 +365,12 @@ def lsq_grads_uniform(
     g = lsq_grad_scale(num_elements, levels)
     d_min = grad_output * (np.where(below, 1.0, 0.0) - rounding_error / levels) * g
     d_max = grad_output * (np.where(above, 1.0, 0.0) + rounding_error / levels) * g
+    # A range held at its minimal width does not follow its ends: neither gets a gradient there.
+    _, _, held = _include_zero(np.asarray(range_min, x.dtype), np.asarray(range_max, x.dtype), min_threshold)
     return {
         "input": (grad_output * inside).astype(x.dtype),
-        "range_min": _reduce_to(d_min, range_min, channel_axis) * (np.asarray(range_min) <= 0),
-        "range_max": _reduce_to(d_max, range_max, channel_axis) * (np.asarray(range_max) >= 0),
+        "range_min": _reduce_to(d_min, range_min, channel_axis) * ((np.asarray(range_min) <= 0) & ~held),
+        "range_max": _reduce_to(d_max, range_max, channel_axis) * ((np.asarray(range_max) >= 0) & ~held),
     }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from enum import Enum
 from fnmatch import fnmatchcase
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 from trainable_infra.common.calibration import ACTIVATION_CALIBRATIONS, WEIGHT_INITS
 from trainable_infra.common.config import (
     check_bool,
+    check_choice,
     check_method,
     check_n_bits,
     check_positive_float,
@@ -157,9 +158,7 @@ def _check_overrides(value: Any) -> tuple[LayerOverride, ...]:
                     f"overrides[{pattern!r}] must be a dict of settings or a LayerOverride, got {settings!r}"
                 )
         return tuple(items)
-    if isinstance(value, Sequence) and not isinstance(value, str) and all(
-        isinstance(o, LayerOverride) for o in value
-    ):
+    if isinstance(value, (list, tuple)) and all(isinstance(o, LayerOverride) for o in value):
         return tuple(value)
     raise QuantizationConfigError(
         f"overrides must be a sequence of LayerOverride or a dict {{pattern: settings}}, got {value!r}"
@@ -169,9 +168,7 @@ def _check_overrides(value: Any) -> tuple[LayerOverride, ...]:
 def _check_layer_types(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
-    if isinstance(value, str) or not isinstance(value, Sequence) or not all(
-        isinstance(v, str) and v for v in value
-    ):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         raise QuantizationConfigError(
             f"layer_types must be None (the backend's defaults) or a list of layer class names, got {value!r}"
         )
@@ -228,12 +225,8 @@ class QATConfig:
         object.__setattr__(self, "quantize_activations", check_bool("quantize_activations", self.quantize_activations))
         object.__setattr__(self, "layer_types", _check_layer_types(self.layer_types))
         object.__setattr__(self, "min_threshold", check_positive_float("min_threshold", self.min_threshold))
-        if self.weight_init not in WEIGHT_INITS:
-            raise QuantizationConfigError(f"weight_init must be one of {WEIGHT_INITS}, got {self.weight_init!r}")
-        if self.activation_calibration not in ACTIVATION_CALIBRATIONS:
-            raise QuantizationConfigError(
-                f"activation_calibration must be one of {ACTIVATION_CALIBRATIONS}, got {self.activation_calibration!r}"
-            )
+        check_choice("weight_init", self.weight_init, WEIGHT_INITS)
+        check_choice("activation_calibration", self.activation_calibration, ACTIVATION_CALIBRATIONS)
         object.__setattr__(self, "overrides", _check_overrides(self.overrides))
 
     def for_layer(self, name: str) -> LayerSettings:

@@ -49,6 +49,7 @@ class UniformParams:
     range_max: np.ndarray
     n_bits: int
     channel_axis: int | None  # non-negative; None for per-tensor
+    min_threshold: float  # the narrowest range the grid spans (a collapsed range is held at this width)
 
 
 QuantParams = SymmetricParams | UniformParams
@@ -93,7 +94,9 @@ def _read(
     if method is QuantizationMethod.UNIFORM:
         low = _vector(_require(params, RANGE_MIN, where, method), shape, axis, f"{where}[{RANGE_MIN!r}]")
         high = _vector(_require(params, RANGE_MAX, where, method), shape, axis, f"{where}[{RANGE_MAX!r}]")
-        return UniformParams(range_min=low, range_max=high, n_bits=n_bits, channel_axis=axis)
+        return UniformParams(
+            range_min=low, range_max=high, n_bits=n_bits, channel_axis=axis, min_threshold=min_threshold
+        )
     raise QuantizationConfigError(
         f"{where}: quantization method {method.name} has no uniform-grid parameters; use SYMMETRIC, "
         "POWER_OF_TWO or UNIFORM"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from trainable_infra.common.base_quantizer import is_marked
+from trainable_infra.common.base_quantizer import BaseTrainableQuantizer, is_marked
 from trainable_infra.common.errors import AmbiguousQuantizerError, QuantizationConfigError, QuantizerNotFoundError
 from trainable_infra.common.mct import QuantizationMethod, QuantizationTarget
 
@@ -74,10 +74,15 @@ def get_trainable_quantizer_class(
         )
     if not isinstance(quant_method, QuantizationMethod):
         raise QuantizationConfigError(f"quant_method must be a QuantizationMethod member, got {quant_method!r}")
-    if not isinstance(quantizer_base_class, type):
-        raise QuantizationConfigError(f"quantizer_base_class must be a class, got {quantizer_base_class!r}")
-    if quantizer_id is None:
-        raise QuantizationConfigError("quantizer_id must be an enum member or a string, got None")
+    if not isinstance(quantizer_base_class, type) or not issubclass(quantizer_base_class, BaseTrainableQuantizer):
+        raise QuantizationConfigError(
+            "quantizer_base_class must be a class derived from BaseTrainableQuantizer (e.g. "
+            f"BasePytorchTrainableQuantizer or BaseKerasTrainableQuantizer), got {quantizer_base_class!r}"
+        )
+    if not isinstance(quantizer_id, Enum) and not (isinstance(quantizer_id, str) and quantizer_id):
+        raise QuantizationConfigError(
+            f"quantizer_id must be an enum member (e.g. TrainingMethod.STE) or a non-empty string, got {quantizer_id!r}"
+        )
 
     candidates = [
         cls for cls in all_subclasses(quantizer_base_class)

@@ -1,17 +1,23 @@
-"""Schedules of a value over training steps (pure Python, used by both backends)."""
+"""Schedules of a value over training steps (framework-neutral, used by both backends)."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
+from trainable_infra.common.config import check_finite_float
 from trainable_infra.common.errors import QuantizationConfigError
 
+# Steps are counted in int64 by the frameworks; a larger bound would also overflow float arithmetic on steps.
+MAX_STEP = 2**63 - 1
 
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise QuantizationConfigError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+
+def _step(name: str, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_STEP:
+        raise QuantizationConfigError(f"{name} must be an int >= 0, got {value!r} (steps are at most 2**63 - 1)")
+    return int(value)
 
 
 class LinearAnnealing:
@@ -26,15 +32,12 @@ class LinearAnnealing:
     """
 
     def __init__(self, t_start: int, t_end: int, initial_value: float, target_value: float):
-        for name, value in (("t_start", t_start), ("t_end", t_end)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise QuantizationConfigError(f"{name} must be an int >= 0, got {value!r}")
-        if t_end <= t_start:
+        self.t_start = _step("t_start", t_start)
+        self.t_end = _step("t_end", t_end)
+        if self.t_end <= self.t_start:
             raise QuantizationConfigError(f"t_end must be greater than t_start ({t_start}), got {t_end!r}")
-        self.t_start = t_start
-        self.t_end = t_end
-        self.initial_value = _real("initial_value", initial_value)
-        self.target_value = _real("target_value", target_value)
+        self.initial_value = check_finite_float("initial_value", initial_value)
+        self.target_value = check_finite_float("target_value", target_value)
 
     def fraction(self, step: float) -> float:
         """How far along the schedule `step` is, in [0, 1]."""
@@ -54,9 +57,9 @@ class LinearAnnealing:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LinearAnnealing:
+    def from_dict(cls, d: Mapping[str, Any]) -> LinearAnnealing:
         """Build a schedule from a dict made by `to_dict`."""
-        if not isinstance(d, dict) or set(d) != {"t_start", "t_end", "initial_value", "target_value"}:
+        if not isinstance(d, Mapping) or set(d) != {"t_start", "t_end", "initial_value", "target_value"}:
             raise QuantizationConfigError(
                 f"LinearAnnealing.from_dict expects keys t_start, t_end, initial_value, target_value; got {d!r}"
             )

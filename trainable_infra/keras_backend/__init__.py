@@ -21,6 +21,7 @@ from trainable_infra.keras_backend.base_quantizer import (
 )
 from trainable_infra.keras_backend.calibrate import calibrate
 from trainable_infra.keras_backend.convert import convert_to_inferable
+from trainable_infra.keras_backend.export import export_tflite
 from trainable_infra.keras_backend.inferable_wrappers import (
     KerasInferableActivationQuantizationHolder,
     KerasInferableQuantizationWrapper,
@@ -66,6 +67,7 @@ __all__ = [
     "STEUniformWeightQuantizer",
     "calibrate",
     "convert_to_inferable",
+    "export_tflite",
     "freeze_bn_stats",
     "freeze_quantizers",
     "keras_load_quantized_model",

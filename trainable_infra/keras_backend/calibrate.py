@@ -12,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from trainable_infra.common.calibration import ActivationObserver
+from trainable_infra.common.calibration import ACTIVATION_CALIBRATIONS, ActivationObserver
+from trainable_infra.common.config import check_bool, check_choice, check_optional_count
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHolder
 
@@ -52,19 +53,36 @@ def model_inputs(batch: Any) -> Any:
     return inputs
 
 
-def batches_of(data: Any) -> Iterable[Any]:
-    """`data` as batches: an array or tensor of samples is split into batches of CALIBRATION_BATCH_SIZE; anything
-    else (a list of batches, a generator, a `tf.data.Dataset`) is iterated as it is."""
+def check_data(name: str, data: Any) -> Any:
+    """Return `data` if it is an array of samples or an iterable of batches, else raise naming the argument `name`."""
     if _is_array(data):
-        shape = tuple(keras.ops.shape(data))
-        if not shape:
-            raise QuantizationConfigError(f"representative data is a scalar {type(data).__name__}; give samples")
-        return [data[i:i + CALIBRATION_BATCH_SIZE] for i in range(0, int(shape[0]), CALIBRATION_BATCH_SIZE)]
+        if not tuple(keras.ops.shape(data)):
+            raise QuantizationConfigError(
+                f"representative data is a scalar {type(data).__name__}; give samples: got {name}={data!r}"
+            )
+        return data
     if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
         raise QuantizationConfigError(
             "representative data must be an array of samples or an iterable of batches (a list, a generator, a "
-            f"tf.data.Dataset), got {type(data).__name__}"
+            f"tf.data.Dataset), got {name}={data!r} of type {type(data).__name__}"
         )
+    return data
+
+
+def check_model(model: Any) -> keras.Model:
+    """Return `model` if it is a Keras 3 model, else raise."""
+    if not isinstance(model, keras.Model):
+        raise QuantizationConfigError(f"model must be a Keras 3 model, got {type(model).__name__} {model!r}")
+    return model
+
+
+def batches_of(data: Any, name: str = "data") -> Iterable[Any]:
+    """`data` as batches: an array or tensor of samples is split into batches of CALIBRATION_BATCH_SIZE; anything
+    else (a list of batches, a generator, a `tf.data.Dataset`) is iterated as it is."""
+    check_data(name, data)
+    if _is_array(data):
+        size = int(keras.ops.shape(data)[0])
+        return [data[i:i + CALIBRATION_BATCH_SIZE] for i in range(0, size, CALIBRATION_BATCH_SIZE)]
     return data
 
 
@@ -81,8 +99,7 @@ def _shapes(inputs: Any) -> list[tuple]:
 
 def all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
     """The layers of `model` and of the models nested in it, depth first."""
-    if not isinstance(model, keras.Model):
-        raise QuantizationConfigError(f"model must be a Keras 3 model, got {type(model).__name__}")
+    check_model(model)
     for layer in model.layers:
         yield layer
         if isinstance(layer, keras.Model):
@@ -110,14 +127,16 @@ def observed(holders: dict[str, KerasActivationQuantizationHolder],
             holder._observer = None
 
 
-def run_batches(model: keras.Model, data: Any, num_batches: int | None, progress: bool, desc: str) -> None:
-    """Call `model` eagerly in inference mode on each batch of `data` (at most `num_batches`)."""
+def run_batches(model: keras.Model, data: Any, num_batches: int | None, progress: bool, desc: str) -> int:
+    """Call `model` eagerly in inference mode on each batch of `data` (at most `num_batches`); return how many ran."""
     data = batches_of(data)
     total = num_batches if num_batches is not None else _length(data)
+    batches = 0
     for index, batch in enumerate(tqdm(data, total=total, desc=desc, disable=not progress)):
         if num_batches is not None and index >= num_batches:
             break
         inputs = model_inputs(batch)
+        batches += 1
         try:
             model(inputs, training=False)
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
@@ -127,6 +146,7 @@ def run_batches(model: keras.Model, data: Any, num_batches: int | None, progress
                 f"representative data batch {index} (input shapes {_shapes(inputs)}) does not run through the "
                 f"model, whose inputs are {[tuple(t.shape) for t in model.inputs]}: {str(exc).strip().splitlines()[0]}"
             ) from exc
+    return batches
 
 
 def observe_holders(
@@ -144,9 +164,15 @@ def observe_holders(
         return identity
 
     with observed(holders, {name: observe(observer) for name, observer in observers.items()}):
-        run_batches(model, data, num_batches, progress, "calibration")
-    if any(observer.count == 0 for observer in observers.values()):
+        batches = run_batches(model, data, num_batches, progress, "calibration")
+    if batches == 0:
         raise QuantizationConfigError("representative data is empty: no batch reached the activation quantizers")
+    unseen = [name for name, observer in observers.items() if observer.count == 0]
+    if unseen:
+        raise QuantizationConfigError(
+            f"the activation quantizers {unseen} saw no finite value in {batches} batches of representative data "
+            "(only NaN or ±Inf, or empty arrays)"
+        )
     return observers
 
 
@@ -181,14 +207,17 @@ def calibrate(
         calibration: "minmax" or "mse" (see `QATConfig.activation_calibration`).
         progress: show a progress bar.
     """
+    check_model(model)
+    check_data("data", data)
+    num_batches = check_optional_count("num_batches", num_batches)
+    check_choice("calibration", calibration, ACTIVATION_CALIBRATIONS)
+    check_bool("progress", progress)
     holders = holders_of(model)
     if not holders:
         raise QuantizationConfigError(
-            "model has no trainable activation quantizers; make it with quantize_model first"
+            f"model has no trainable activation quantizers ({model.name!r} holds no enabled "
+            "KerasActivationQuantizationHolder); make it with quantize_model first"
         )
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches < 1):
-        raise QuantizationConfigError(f"num_batches must be a positive int or None (all batches), got {num_batches!r}")
     observers = observe_holders(model, data, num_batches, calibration, progress)
     updated = {}
     for name, holder in holders.items():

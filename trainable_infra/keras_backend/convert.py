@@ -6,35 +6,55 @@ import keras
 
 # The class of Functional models; keras.models.clone_model (which this module relies on) tests for it the same way.
 from keras.src.models.functional import Functional
+from mct_quantizers.keras.quantizers import BaseKerasInferableQuantizer
 
-from trainable_infra.common.errors import QuantizationConfigError, TrainableInfraError
+from trainable_infra.common.errors import QuantizationConfigError, QuantizerDefinitionError, TrainableInfraError
+from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
 from trainable_infra.keras_backend.calibrate import all_layers
 from trainable_infra.keras_backend.inferable_wrappers import (
     KerasInferableActivationQuantizationHolder,
     KerasInferableQuantizationWrapper,
 )
+from trainable_infra.keras_backend.quantize import copy_layer
 from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHolder, KerasTrainableQuantizationWrapper
 
 
-def _clone(layer: keras.layers.Layer) -> keras.layers.Layer:
-    return layer.__class__.from_config(layer.get_config())
+def inferable_of(quantizer: BaseKerasTrainableQuantizer) -> BaseKerasInferableQuantizer:
+    """`quantizer.convert2inferable()`, checked to be an mct-quantizers Keras inferable quantizer."""
+    inferable = quantizer.convert2inferable()
+    if not isinstance(inferable, BaseKerasInferableQuantizer):
+        raise QuantizerDefinitionError(
+            f"{type(quantizer).__name__}.convert2inferable() must return an mct-quantizers Keras inferable quantizer "
+            f"(a BaseKerasInferableQuantizer), got {inferable!r} of type {type(inferable).__name__}"
+        )
+    return inferable
 
 
 def _inferable_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
     """The inference counterpart of one layer of the trained model (not yet holding weights)."""
+    try:
+        return _make_inferable_layer(layer)
+    except Exception as exc:
+        # The error keeps its type and message; the note says which layer failed.
+        exc.add_note(f"raised while converting layer {layer.name!r} ({type(layer).__name__}); the input model is "
+                     "unchanged")
+        raise
+
+
+def _make_inferable_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
     if isinstance(layer, KerasTrainableQuantizationWrapper):
         quantizers = {
-            name: quantizer.convert2inferable()
+            name: inferable_of(quantizer)
             for name, quantizer in layer.weights_quantizers.items()
             if quantizer.weights_quantization()
         }
-        return KerasInferableQuantizationWrapper(_clone(layer.layer), quantizers, name=layer.name)
+        return KerasInferableQuantizationWrapper(copy_layer(layer.layer), quantizers, name=layer.name)
     if isinstance(layer, KerasActivationQuantizationHolder):
         quantizer = layer.activation_quantizer
         if not quantizer.activation_quantization():
             return keras.layers.Identity(name=layer.name)
-        return KerasInferableActivationQuantizationHolder(quantizer.convert2inferable(), name=layer.name)
-    return _clone(layer)
+        return KerasInferableActivationQuantizationHolder(inferable_of(quantizer), name=layer.name)
+    return copy_layer(layer)
 
 
 def convert_to_inferable(model: keras.Model) -> keras.Model:

@@ -37,8 +37,9 @@ def power_of_two_ceil(t: tf.Tensor) -> tf.Tensor:
     scaled = tf.where(small, t * _DENORMAL_SHIFT, t)
     bits = tf.bitcast(scaled, tf.int32)
     exponent = tf.bitwise.bitwise_and(bits, 0x7F800000)
-    has_mantissa = tf.bitwise.bitwise_and(bits, 0x007FFFFF) != 0
-    rounded = tf.bitcast(tf.where(has_mantissa, exponent + 0x00800000, bits), tf.float32)
+    # NaN (all exponent bits and a mantissa) is kept: adding to its exponent would wrap it to -0.
+    rounds_up = tf.logical_and(tf.bitwise.bitwise_and(bits, 0x007FFFFF) != 0, exponent != 0x7F800000)
+    rounded = tf.bitcast(tf.where(rounds_up, exponent + 0x00800000, bits), tf.float32)
     return tf.where(small, rounded / _DENORMAL_SHIFT, rounded)
 
 
@@ -58,6 +59,18 @@ def symmetric_range(t: tf.Tensor, n_bits: int, signed: bool) -> tuple[tf.Tensor,
     high = t - t * np.float32(2.0 ** -(n_bits - int(signed)))
     low = -t if signed else tf.zeros_like(t)
     return low, high
+
+
+def effective_range(range_min: tf.Tensor, range_max: tf.Tensor, min_threshold: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """The range the grid is built from: (range_min, range_max) as given where range_min < range_max and the range
+    widened to contain zero is at least `min_threshold` wide; elsewhere that widened range, held at `min_threshold`
+    if narrower (training can push range_max to or below range_min, which would give a step of 0)."""
+    low = tf.minimum(range_min, 0.0)
+    high = tf.maximum(range_max, 0.0)
+    narrowest = low + np.float32(min_threshold)
+    # As given where possible: mct-quantizers widens it to contain zero itself, bit for bit as uniform_range does.
+    as_given = tf.logical_and(range_min < range_max, high >= narrowest)
+    return tf.where(as_given, range_min, low), tf.where(as_given, range_max, tf.maximum(high, narrowest))
 
 
 def uniform_range(range_min: tf.Tensor, range_max: tf.Tensor, n_bits: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -135,6 +148,7 @@ def lsq_symmetric(
 def lsq_uniform(
     *,
     n_bits: int,
+    min_threshold: float,
     axis: int | None,
     param_shape: tuple[int, ...],
     reduce_axes: tuple[int, ...] | None,
@@ -143,16 +157,21 @@ def lsq_uniform(
     """A function (x, range_min, range_max) -> Q(x) with LSQ's range gradients (numerics.lsq_grads_uniform)."""
     levels = 2**n_bits - 1
     inv_levels = np.float32(1.0 / levels)
+    narrowest_width = np.float32(min_threshold)
 
     @tf.custom_gradient
     def quantize(x, range_min, range_max):
-        low, high = uniform_range(range_min, range_max, n_bits)
+        low, high = uniform_range(*effective_range(range_min, range_max, min_threshold), n_bits)
         y = fake_quant(x, low, high, n_bits, axis)
 
         def grad(dy):
             xf, dyf = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
-            a = tf.reshape(tf.minimum(range_min, 0.0), param_shape)
-            b = tf.reshape(tf.maximum(range_max, 0.0), param_shape)
+            a_c = tf.minimum(range_min, 0.0)
+            b_c = tf.maximum(range_max, 0.0)
+            # A range held at its narrowest width (effective_range) follows neither end.
+            wide = b_c >= a_c + narrowest_width
+            a = tf.reshape(a_c, param_shape)
+            b = tf.reshape(tf.maximum(b_c, a_c + narrowest_width), param_shape)
             delta = (b - a) / np.float32(levels)
             zero_point = tf.clip_by_value(tf.floor(-a / delta + 0.5), 0.0, float(levels))
             u = xf / delta + zero_point
@@ -167,8 +186,8 @@ def lsq_uniform(
             d_min = tf.reduce_sum(dyf * (tf.cast(below, tf.float32) - error), axis=reduce_axes) * g
             d_max = tf.reduce_sum(dyf * (tf.cast(above, tf.float32) + error), axis=reduce_axes) * g
             # Widening the range to include zero passes the gradient only where it leaves the bound alone.
-            d_min = d_min * tf.cast(range_min <= 0.0, tf.float32)
-            d_max = d_max * tf.cast(range_max >= 0.0, tf.float32)
+            d_min = d_min * tf.cast(tf.logical_and(range_min <= 0.0, wide), tf.float32)
+            d_max = d_max * tf.cast(tf.logical_and(range_max >= 0.0, wide), tf.float32)
             return (
                 dy * tf.cast(inside, dy.dtype),
                 tf.reshape(d_min, tf.shape(range_min)),

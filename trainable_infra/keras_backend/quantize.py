@@ -12,9 +12,10 @@ always takes the weights of a trained one; representative data sets the threshol
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import keras
@@ -26,7 +27,11 @@ from trainable_infra.common.calibration import (
     default_activation_params,
     weight_quant_params,
 )
-from trainable_infra.common.config import TrainableQuantizerActivationConfig, TrainableQuantizerWeightsConfig
+from trainable_infra.common.config import (
+    TrainableQuantizerActivationConfig,
+    TrainableQuantizerWeightsConfig,
+    check_bool,
+)
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.common.model_plan import (
@@ -38,7 +43,7 @@ from trainable_infra.common.model_plan import (
 from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
-from trainable_infra.keras_backend.calibrate import all_layers, calibrate
+from trainable_infra.keras_backend.calibrate import all_layers, calibrate, check_data, check_model
 from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHolder, KerasTrainableQuantizationWrapper
 
 # Layer class name -> (class, {kernel attribute: its output-channel axis}). Depthwise kernels are
@@ -68,9 +73,13 @@ _ACTIVATION_LAYERS = (
 _MERGE_LAYERS = (keras.layers.Add, keras.layers.Concatenate)
 
 
-def _check_arguments(model: Any, qat_config: Any, num_calibration_batches: Any) -> QATConfig:
-    if not isinstance(model, keras.Model):
-        raise QuantizationConfigError(f"model must be a Keras 3 model, got {type(model).__name__}")
+def _check_arguments(
+    model: Any, qat_config: Any, representative_data: Any, num_calibration_batches: Any, progress: Any
+) -> QATConfig:
+    check_model(model)
+    if representative_data is not None:
+        check_data("representative_data", representative_data)
+    check_bool("progress", progress)
     if not isinstance(model, (keras.Sequential, Functional)):
         raise QuantizationConfigError(
             f"quantize_model rebuilds the layer graph of Sequential and Functional models; {model.name!r} is a "
@@ -99,7 +108,8 @@ def quantized_kernels(layer: keras.layers.Layer, config: QATConfig) -> dict[str,
 def copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
     """A new, unbuilt layer with `layer`'s configuration (weights are copied once it is built)."""
     if isinstance(layer, keras.layers.Lambda):
-        # The user's own in-memory function, not one read from a file: no need for safe mode.
+        # Cloning, not loading: the function is already in this process (a model loaded in safe mode holds no
+        # Python lambda), so rebuilding it runs no code from a file; safe mode would refuse any lambda.
         return keras.layers.Lambda.from_config(layer.get_config(), safe_mode=False)
     return layer.__class__.from_config(layer.get_config())
 
@@ -138,6 +148,16 @@ def make_holder(
         QuantizationTarget.Activation, settings.activation_training_method, method, BaseKerasTrainableQuantizer
     )
     return KerasActivationQuantizationHolder(cls(quantizer_config), name=name)
+
+
+@contextlib.contextmanager
+def _naming_layer(name: str) -> Iterator[None]:
+    """Add the layer's name to any error raised while its quantizers are made (e.g. by an invalid override)."""
+    try:
+        yield
+    except Exception as exc:
+        exc.add_note(f"raised while making the quantizers of layer {name!r}; the input model is unchanged")
+        raise
 
 
 # --- the float graph ------------------------------------------------------------------------------------------
@@ -264,7 +284,8 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
             if settings.skip:
                 continue
             if id(layer) not in wrappers:
-                wrappers[id(layer)] = make_wrapper(layer, kernels, settings, config)
+                with _naming_layer(layer.name):
+                    wrappers[id(layer)] = make_wrapper(layer, kernels, settings, config)
             points.append((*_chain_end(call, graph, consumers, through_batch_norm=True), layer.name))
         elif isinstance(layer, _MERGE_LAYERS):
             points.append((*_chain_end(call, graph, consumers, through_batch_norm=False), layer.name))
@@ -286,7 +307,8 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
         activation = _activation_name(producer) if producer is not None else None
         signed = activation not in NON_NEGATIVE_ACTIVATIONS
         params = default_activation_params(settings.activation_quantization_method, signed)
-        holders[key] = make_holder(settings, config, params, holder_name(base, taken))
+        with _naming_layer(base):
+            holders[key] = make_holder(settings, config, params, holder_name(base, taken))
     return _Plan(wrappers, holders)
 
 
@@ -378,7 +400,7 @@ def quantize_model(
         >>> qat = quantize_model(model, QATConfig(weight_n_bits=4), x_train[:512])  # doctest: +SKIP
         >>> qat.compile(optimizer="adam", loss="sparse_categorical_crossentropy"); qat.fit(x_train, y_train)
     """
-    config = _check_arguments(model, qat_config, num_calibration_batches)
+    config = _check_arguments(model, qat_config, representative_data, num_calibration_batches, progress)
     quantized = [layer.name for layer in all_layers(model)
                  if isinstance(layer, (KerasTrainableQuantizationWrapper, KerasActivationQuantizationHolder))]
     if quantized:

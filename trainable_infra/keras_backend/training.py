@@ -35,6 +35,15 @@ def _retrace(model: keras.Model) -> None:
         model.make_train_function(force=True)
 
 
+def _build_optimizer(model: keras.Model) -> None:
+    # A Keras optimizer makes its state for the variables trainable when it is built and can update no others
+    # ("Unknown variable"): build it before freezing, so that unfreezing later, and a saved model's optimizer
+    # state, cover every variable, as when freezing after the first step.
+    optimizer = getattr(model, "optimizer", None)
+    if isinstance(optimizer, keras.optimizers.Optimizer) and not optimizer.built and model.built:
+        optimizer.build(model.trainable_variables)
+
+
 def _quantizers(model: Any) -> dict[str, BaseKerasTrainableQuantizer]:
     quantizers = quantizers_of(model)
     if not quantizers:
@@ -48,8 +57,10 @@ def freeze_quantizers(model: keras.Model) -> int:
     Works mid-training (between `fit` calls, or from a callback such as `QuantizerFreezeCallback`); the state is
     not saved in `.keras` files: call it again after loading.
     """
+    quantizers = _quantizers(model)
+    _build_optimizer(model)
     count = 0
-    for quantizer in _quantizers(model).values():
+    for quantizer in quantizers.values():
         quantizer.freeze_quant_params = True
         frozen = getattr(quantizer, _FROZEN, [])
         for entry in quantizer.quantizer_parameters.values():
@@ -91,10 +102,14 @@ def freeze_bn_stats(model: keras.Model) -> int:
 
     In Keras this makes the layer normalize with its moving mean and variance, also in training, and stop
     updating them, as in inference; unlike PyTorch it also stops training its scale and offset (Keras ties both
-    to `trainable`). The flag is part of the layer's config, so it is saved in `.keras` files.
+    to `trainable`). The flag is part of the layer's config, so it is saved in `.keras` files; load such a file
+    with `keras_load_quantized_model`, which also restores the optimizer state that `keras.models.load_model`
+    skips once the trainable variables differ from those the optimizer was built for.
     """
+    layers = _batch_norms(model)
+    _build_optimizer(model)
     count = 0
-    for layer in _batch_norms(model):
+    for layer in layers:
         if layer.trainable:
             layer.trainable = False
             count += 1

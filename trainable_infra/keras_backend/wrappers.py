@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import keras
+import numpy as np
 import tensorflow as tf
+from keras.src.backend import AutocastScope
 
+from trainable_infra.common import debug
+from trainable_infra.common.debug import FINITE_CHECKS
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
@@ -20,6 +25,32 @@ PACKAGE = "trainable_infra"
 # XLA's lowering of TensorFlow's fake-quant op, and its rewriting of the float64 range arithmetic, give outputs
 # that differ from TensorFlow's own kernels (which the mct-quantizers inferable quantizers run) by steps near
 # rounding ties and in last bits. Without XLA a trained model and its conversion agree bit for bit.
+
+
+@contextlib.contextmanager
+def _functions_run_eagerly() -> Iterator[None]:
+    """TensorFlow functions run eagerly while `check_finite` is on: the checks read values, so that they raise
+    `NonFiniteError` from `model.fit` itself, also in a model whose training step was traced before."""
+    before = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(True)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(before)
+
+
+FINITE_CHECKS.add_backend_mode(_functions_run_eagerly)
+
+
+def check_finite_values(owner: str, tensor: str, x: Any, quantizer: BaseKerasTrainableQuantizer) -> None:
+    """Raise `NonFiniteError` if `x` (what `quantizer` quantizes) or a variable of `quantizer` is unusable
+    (`trainable_infra.check_finite`). Symbolic calls, which build a model, have no values to check."""
+    if not tf.executing_eagerly():
+        return
+    debug.check_input(owner, tensor, tf.cast(x, tf.float32).numpy())
+    debug.check_parameters(owner, {
+        name: np.asarray(entry.variable.numpy()) for name, entry in quantizer.quantizer_parameters.items()
+    })
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +214,18 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
 
     def call(self, inputs: Any, *args: Any, training: bool | None = None, **kwargs: Any) -> Any:
         training = bool(training)
-        substitutes = [
-            (w.variable, w.quantizer(tf.convert_to_tensor(w.variable), training)) for w in self._quantized_weights
-        ]
+        # Keras autocasts variable reads inside a mixed-precision layer's call even with autocast=False: the kernel
+        # and the quantizers' variables are read (and quantized) in float32, as the inferable quantizers do; the
+        # wrapped layer casts the quantized kernel to its compute dtype, as it would cast its float kernel.
+        with AutocastScope(None):
+            if FINITE_CHECKS.enabled:
+                for w in self._quantized_weights:
+                    owner = f"layer {self.name!r}, the {w.name!r} quantizer ({type(w.quantizer).__name__})"
+                    kernel = tf.convert_to_tensor(w.variable)
+                    check_finite_values(owner, f"{self.layer.name}.{w.name}", kernel, w.quantizer)
+            substitutes = [
+                (w.variable, w.quantizer(tf.convert_to_tensor(w.variable), training)) for w in self._quantized_weights
+            ]
         outputs, losses = call_with_weights(self.layer, substitutes, (inputs, *args), kwargs)
         if losses:
             self.add_loss(losses)
@@ -254,12 +294,22 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         if not self._enabled:
             return inputs
-        if self._observer is not None:
-            return self._observer(inputs)
-        return self.activation_quantizer(inputs, bool(training))
+        # The quantizer reads its variables in float32 under a mixed-precision policy too (see
+        # KerasTrainableQuantizationWrapper.call).
+        with AutocastScope(None):
+            if FINITE_CHECKS.enabled:
+                quantizer = self.activation_quantizer
+                check_finite_values(f"layer {self.name!r} ({type(quantizer).__name__})", "its input", inputs, quantizer)
+            if self._observer is not None:
+                return self._observer(inputs)
+            return self.activation_quantizer(inputs, bool(training))
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
+
+    def compute_output_spec(self, inputs: Any, training: bool | None = None) -> Any:
+        # The input's dtype, as `call` returns (not the compute dtype: a float32 model input stays float32).
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

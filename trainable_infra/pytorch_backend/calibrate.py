@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainable_infra.common.calibration import ActivationObserver
+from trainable_infra.common.calibration import ACTIVATION_CALIBRATIONS, ActivationObserver
+from trainable_infra.common.config import check_bool, check_choice, check_optional_count
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.pytorch_backend.wrappers import PytorchTrainableActivationQuantizationHolder
 
@@ -28,6 +29,23 @@ def model_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
     raise QuantizationConfigError(
         f"each batch of representative data must be a tensor or an (inputs, targets) pair, got {type(batch).__name__}"
     )
+
+
+def check_data(name: str, data: Any) -> Iterable[Any]:
+    """Return `data` if it can be iterated as batches, else raise naming the argument `name`."""
+    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise QuantizationConfigError(
+            "representative data must be an iterable of batches (a DataLoader, or a list of tensors or (inputs, "
+            f"targets) pairs), got {name}={data!r} of type {type(data).__name__}"
+        )
+    return data
+
+
+def check_model(model: Any) -> nn.Module:
+    """Return `model` if it is a `torch.nn.Module`, else raise."""
+    if not isinstance(model, nn.Module):
+        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
+    return model
 
 
 def holders_of(model: nn.Module) -> dict[str, PytorchTrainableActivationQuantizationHolder]:
@@ -53,12 +71,14 @@ def observe_holders(
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = 0
     try:
         total = num_batches if num_batches is not None else (len(data) if hasattr(data, "__len__") else None)
         for index, batch in enumerate(tqdm(data, total=total, desc="calibration", disable=not progress)):
             if num_batches is not None and index >= num_batches:
                 break
             inputs = tuple(t.to(device) for t in model_inputs(batch))
+            batches += 1
             try:
                 model(*inputs)
             except (RuntimeError, TypeError, ValueError) as exc:
@@ -71,8 +91,14 @@ def observe_holders(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if any(observer.count == 0 for observer in observers.values()):
+    if batches == 0:
         raise QuantizationConfigError("representative data is empty: no batch reached the activation quantizers")
+    unseen = [name for name, observer in observers.items() if observer.count == 0]
+    if unseen:
+        raise QuantizationConfigError(
+            f"the activation quantizers {unseen} saw no finite value in {batches} batches of representative data "
+            "(only NaN or ±Inf, or empty tensors)"
+        )
     return observers
 
 
@@ -97,12 +123,16 @@ def calibrate(
         calibration: "minmax" or "mse" (see `QATConfig.activation_calibration`).
         progress: show a progress bar.
     """
-    if not isinstance(model, nn.Module):
-        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
+    check_data("data", data)
+    num_batches = check_optional_count("num_batches", num_batches)
+    check_choice("calibration", calibration, ACTIVATION_CALIBRATIONS)
+    check_bool("progress", progress)
     holders = holders_of(model)
     if not holders:
         raise QuantizationConfigError(
-            "model has no trainable activation quantizers; make it with quantize_model first"
+            f"model has no trainable activation quantizers (this {type(model).__name__} holds no "
+            "PytorchTrainableActivationQuantizationHolder); make it with quantize_model first"
         )
     observers = observe_holders(model, data, num_batches, calibration, progress)
     updated = {}

@@ -5,23 +5,50 @@ from __future__ import annotations
 import copy
 
 from mct_quantizers import PytorchActivationQuantizationHolder, PytorchQuantizationWrapper
+from mct_quantizers.pytorch.quantizers import BasePyTorchInferableQuantizer
 from torch import nn
 
-from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.errors import QuantizationConfigError, QuantizerDefinitionError
+from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
+from trainable_infra.pytorch_backend.calibrate import check_model
 from trainable_infra.pytorch_backend.wrappers import (
     PytorchTrainableActivationQuantizationHolder,
     PytorchTrainableQuantizationWrapper,
 )
 
 
-def _convert(module: nn.Module) -> nn.Module:
+def inferable_of(quantizer: BasePytorchTrainableQuantizer) -> BasePyTorchInferableQuantizer:
+    """`quantizer.convert2inferable()`, checked to be an mct-quantizers PyTorch inferable quantizer."""
+    inferable = quantizer.convert2inferable()
+    if not isinstance(inferable, BasePyTorchInferableQuantizer):
+        raise QuantizerDefinitionError(
+            f"{type(quantizer).__name__}.convert2inferable() must return an mct-quantizers PyTorch inferable "
+            f"quantizer (a BasePyTorchInferableQuantizer), got {inferable!r} of type {type(inferable).__name__}"
+        )
+    return inferable
+
+
+def _inferable(quantizer: BasePytorchTrainableQuantizer, where: str) -> BasePyTorchInferableQuantizer:
+    try:
+        return inferable_of(quantizer)
+    except Exception as exc:
+        # The error keeps its type and message; the note says which quantizer failed.
+        exc.add_note(f"raised while converting {where} ({type(quantizer).__name__}); the input model is unchanged")
+        raise
+
+
+def _convert(module: nn.Module, path: str = "") -> nn.Module:
     if isinstance(module, PytorchTrainableQuantizationWrapper):
-        inferable = {name: q.convert2inferable() for name, q in module.weights_quantizers.items()}
-        return PytorchQuantizationWrapper(_convert(module.module), inferable)
+        inferable = {
+            name: _inferable(q, f"the {name!r} quantizer of {path!r}") for name, q in module.weights_quantizers.items()
+        }
+        return PytorchQuantizationWrapper(_convert(module.module, f"{path}.module"), inferable)
     if isinstance(module, PytorchTrainableActivationQuantizationHolder):
-        return PytorchActivationQuantizationHolder(module.activation_holder_quantizer.convert2inferable())
+        return PytorchActivationQuantizationHolder(
+            _inferable(module.activation_holder_quantizer, f"the activation holder {path!r}")
+        )
     for name, child in module.named_children():
-        converted = _convert(child)
+        converted = _convert(child, f"{path}.{name}" if path else name)
         if converted is not child:
             setattr(module, name, converted)
     return module
@@ -34,8 +61,7 @@ def convert_to_inferable(model: nn.Module) -> nn.Module:
     `PytorchActivationQuantizationHolder`s, each holding the inferable quantizer of the trained one. The copy is
     in eval mode; `model` itself is not changed.
     """
-    if not isinstance(model, nn.Module):
-        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     trainable = (PytorchTrainableQuantizationWrapper, PytorchTrainableActivationQuantizationHolder)
     if not any(isinstance(m, trainable) for m in model.modules()):
         raise QuantizationConfigError(

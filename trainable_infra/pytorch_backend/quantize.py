@@ -11,10 +11,11 @@ elsewhere), so a model rebuilt by `quantize_model` from the same float model and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -22,7 +23,11 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from torch import fx, nn
 
 from trainable_infra.common.calibration import default_activation_params, weight_quant_params
-from trainable_infra.common.config import TrainableQuantizerActivationConfig, TrainableQuantizerWeightsConfig
+from trainable_infra.common.config import (
+    TrainableQuantizerActivationConfig,
+    TrainableQuantizerWeightsConfig,
+    check_bool,
+)
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.common.model_plan import (
@@ -34,7 +39,8 @@ from trainable_infra.common.model_plan import (
 from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
-from trainable_infra.pytorch_backend.calibrate import calibrate
+from trainable_infra.pytorch_backend.calibrate import calibrate, check_data, check_model
+from trainable_infra.pytorch_backend.training import save_switches_in_state_dict
 from trainable_infra.pytorch_backend.wrappers import (
     PytorchTrainableActivationQuantizationHolder,
     PytorchTrainableQuantizationWrapper,
@@ -62,9 +68,13 @@ _MERGE_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, torch.con
 _MERGE_METHODS = {"add", "add_"}
 
 
-def _check_arguments(model: Any, qat_config: Any, num_calibration_batches: Any) -> QATConfig:
-    if not isinstance(model, nn.Module):
-        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+def _check_arguments(
+    model: Any, qat_config: Any, representative_data: Any, num_calibration_batches: Any, progress: Any
+) -> QATConfig:
+    check_model(model)
+    if representative_data is not None:
+        check_data("representative_data", representative_data)
+    check_bool("progress", progress)
     return check_qat_arguments(qat_config, num_calibration_batches, QUANTIZABLE_LAYERS, "PyTorch")
 
 
@@ -107,6 +117,16 @@ def make_holder(
         QuantizationTarget.Activation, settings.activation_training_method, method, BasePytorchTrainableQuantizer
     )
     return PytorchTrainableActivationQuantizationHolder(cls(quantizer_config))
+
+
+@contextlib.contextmanager
+def _naming_layer(name: str) -> Iterator[None]:
+    """Add the layer's name to any error raised while its quantizers are made (e.g. by an invalid override)."""
+    try:
+        yield
+    except Exception as exc:
+        exc.add_note(f"raised while making the quantizers of layer {name!r}; the input model is unchanged")
+        raise
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -174,7 +194,8 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
             settings = config.for_layer(node.target)
             if settings.skip:
                 continue
-            _set_submodule(gm, node.target, make_wrapper(modules[node.target], settings, config))
+            with _naming_layer(node.target):
+                _set_submodule(gm, node.target, make_wrapper(modules[node.target], settings, config))
             outputs.append((_chain_end(node, modules, through_batch_norm=True), node.target))
         elif _is_merge(node):
             outputs.append((_chain_end(node, modules, through_batch_norm=False), node.name))
@@ -191,8 +212,9 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
         done.add(end)
         name = holder_name(base, taken)
         signed = not _is_non_negative(end, modules)
-        gm.add_submodule(name, make_holder(settings, config, default_activation_params(
-            settings.activation_quantization_method, signed)))
+        with _naming_layer(base):
+            gm.add_submodule(name, make_holder(settings, config, default_activation_params(
+                settings.activation_quantization_method, signed)))
         anchor = placeholders[-1] if end.op == "placeholder" else end
         with graph.inserting_after(anchor):
             holder = graph.call_module(name, (end,))
@@ -218,15 +240,17 @@ def _quantize_modules(model: nn.Module, config: QATConfig, reason: str) -> dict[
         if isinstance(module, layer_types):
             settings = config.for_layer(name)
             if not settings.skip:
-                _set_submodule(model, name, make_wrapper(module, settings, config))
+                with _naming_layer(name):
+                    _set_submodule(model, name, make_wrapper(module, settings, config))
                 wrapped.append(name)
         elif config.quantize_activations and isinstance(module, _ACTIVATION_MODULES):
             settings = config.for_layer(name)
             if settings.skip:
                 continue
             signed = not isinstance(module, _NON_NEGATIVE_MODULES)
-            holder = make_holder(settings, config, default_activation_params(
-                settings.activation_quantization_method, signed))
+            with _naming_layer(name):
+                holder = make_holder(settings, config, default_activation_params(
+                    settings.activation_quantization_method, signed))
             _set_submodule(model, name, _ActivationThenQuantize(module, holder))
             holders[f"{name}.1"] = (settings, signed)
             taken.add(name)
@@ -263,7 +287,7 @@ def quantize_model(
         `<layer>.module.weight`, quantizer parameters under `<layer>.weight_threshold` and
         `<layer>_activation_quantizer.activation_threshold` (or `..._range_min` / `..._range_max`).
     """
-    config = _check_arguments(model, qat_config, num_calibration_batches)
+    config = _check_arguments(model, qat_config, representative_data, num_calibration_batches, progress)
     if any(isinstance(m, (PytorchTrainableQuantizationWrapper, PytorchTrainableActivationQuantizationHolder))
            for m in model.modules()):
         raise QuantizationConfigError(
@@ -290,6 +314,7 @@ def quantize_model(
             f"{type(model).__name__} has no layer to quantize: no {', '.join(t.__name__ for t in _layer_types(config))}"
             " (or all were skipped by the config)"
         )
+    save_switches_in_state_dict(qat_model)
     if not holders:
         return qat_model
     if representative_data is None:

@@ -17,7 +17,8 @@ from trainable_infra.pytorch_backend.wrappers import PytorchTrainableQuantizatio
 
 
 def _params(quantizer: Any) -> dict[str, np.ndarray]:
-    return {name: entry.variable.detach().cpu().numpy() for name, entry in quantizer.quantizer_parameters.items()}
+    variables = {name: quantizer.get_quantizer_variable(name) for name in quantizer.quantizer_parameters}
+    return {name: variable.detach().cpu().numpy() for name, variable in variables.items()}
 
 
 def _describe(quantizer: Any) -> tuple[int, Any, Any]:

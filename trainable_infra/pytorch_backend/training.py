@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 from trainable_infra.common.enums import VariableGroup
@@ -26,23 +29,31 @@ def quantizers_of(model: nn.Module) -> dict[str, BasePytorchTrainableQuantizer]:
     return found
 
 
+def _set_frozen(quantizer: BasePytorchTrainableQuantizer, frozen: bool) -> int:
+    """Freeze or unfreeze one quantizer's parameters; returns how many parameters it has."""
+    quantizer.freeze_quant_params = frozen
+    learnable = getattr(quantizer, "learnable_params", True)
+    count = 0
+    for name, entry in quantizer.quantizer_parameters.items():
+        if entry.group is VariableGroup.QPARAMS:
+            quantizer.get_quantizer_variable(name).requires_grad_(learnable and not frozen)
+            count += 1
+    return count
+
+
 def _set_quantizers_frozen(model: nn.Module, frozen: bool) -> int:
     quantizers = quantizers_of(model)
     if not quantizers:
         raise QuantizationConfigError("model has no trainable quantizers; make it with quantize_model first")
-    count = 0
-    for quantizer in quantizers.values():
-        quantizer.freeze_quant_params = frozen
-        learnable = getattr(quantizer, "learnable_params", True)
-        for entry in quantizer.quantizer_parameters.values():
-            if entry.group is VariableGroup.QPARAMS:
-                entry.variable.requires_grad_(learnable and not frozen)
-                count += 1
-    return count
+    return sum(_set_frozen(quantizer, frozen) for quantizer in quantizers.values())
 
 
 def freeze_quantizers(model: nn.Module) -> int:
-    """Stop training the quantization parameters (thresholds, ranges); returns how many were frozen."""
+    """Stop training the quantization parameters (thresholds, ranges); returns how many were frozen.
+
+    In a model made by `quantize_model` the switch is part of `state_dict()`, so a model rebuilt and loaded from
+    a checkpoint is frozen too.
+    """
     return _set_quantizers_frozen(model, True)
 
 
@@ -63,25 +74,80 @@ def freeze_bn_stats(model: nn.Module) -> int:
     """Use and keep the running statistics of every BatchNorm, also after `model.train()`; returns the count.
 
     The layers normalize with their running mean and variance and stop updating them, as in inference; their
-    affine weights still train.
+    affine weights still train. In a model made by `quantize_model` the switch is part of `state_dict()`.
     """
     count = 0
     for module in model.modules():
         if isinstance(module, _BATCH_NORMS) and not _is_frozen(module):
-            module.eval()
-            module.register_forward_pre_hook(_keep_eval)
+            _freeze_bn(module)
             count += 1
     return count
+
+
+def _freeze_bn(module: nn.Module) -> None:
+    module.eval()
+    module.register_forward_pre_hook(_keep_eval)
 
 
 def unfreeze_bn_stats(model: nn.Module) -> int:
     """Undo `freeze_bn_stats`: BatchNorm layers follow `model.train()` / `model.eval()` again."""
     count = 0
     for module in model.modules():
-        keys = [key for key, hook in module._forward_pre_hooks.items() if hook is _keep_eval]
-        for key in keys:
-            del module._forward_pre_hooks[key]
-        if keys:
-            module.train(model.training)
+        if _unfreeze_bn(module, model.training):
             count += 1
     return count
+
+
+def _unfreeze_bn(module: nn.Module, training: bool) -> bool:
+    keys = [key for key, hook in module._forward_pre_hooks.items() if hook is _keep_eval]
+    for key in keys:
+        del module._forward_pre_hooks[key]
+    if keys:
+        module.train(training)
+    return bool(keys)
+
+
+# --- the switches in state_dict -------------------------------------------------------------------------------
+# A switch that is on is saved as a 0-d bool tensor under "<quantizer>_frozen" ("conv1.weight_frozen",
+# "conv1_activation_quantizer.activation_frozen") or "<batch norm>.stats_frozen"; one that is off adds no key, so
+# the state_dict of a model that was never frozen is unchanged. Only tensors: it loads with weights_only=True.
+
+
+def _quantizers_by_owner(model: nn.Module) -> list[tuple[str, str, BasePytorchTrainableQuantizer]]:
+    """(owning module name, key in state_dict, quantizer) of every trainable quantizer of `model`."""
+    return [(name.rpartition(".")[0], f"{name}_frozen", quantizer) for name, quantizer in quantizers_of(model).items()]
+
+
+def _save_switches(model: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for _, key, quantizer in _quantizers_by_owner(model):
+        if quantizer.freeze_quant_params:
+            state_dict[prefix + key] = torch.tensor(True)
+    for name, module in model.named_modules():
+        if isinstance(module, _BATCH_NORMS) and _is_frozen(module):
+            state_dict[f"{prefix}{name}.stats_frozen"] = torch.tensor(True)
+
+
+def _load_switches(model: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    # Runs before any module loads its own entries: the keys are taken out, so strict loading does not see them.
+    def holds(owner: str) -> bool:  # whether the state_dict has the entries of module `owner`
+        return any(k.startswith(f"{prefix}{owner}.") for k in state_dict)
+
+    for owner, key, quantizer in _quantizers_by_owner(model):
+        frozen = state_dict.pop(prefix + key, None)
+        if frozen is not None or holds(owner):
+            _set_frozen(quantizer, bool(frozen))
+    for name, module in model.named_modules():
+        if not isinstance(module, _BATCH_NORMS):
+            continue
+        frozen = state_dict.pop(f"{prefix}{name}.stats_frozen", None)
+        if frozen is not None and not _is_frozen(module):
+            _freeze_bn(module)
+        elif frozen is None and holds(name):
+            _unfreeze_bn(module, model.training)
+
+
+def save_switches_in_state_dict(model: nn.Module) -> None:
+    """Make `model.state_dict()` hold the switches of `freeze_quantizers` and `freeze_bn_stats`, and
+    `model.load_state_dict` set them (`quantize_model` does this for the models it makes)."""
+    model.register_state_dict_post_hook(_save_switches)
+    model.register_load_state_dict_pre_hook(_load_switches)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from torch import nn
 
+from trainable_infra.common import debug
+from trainable_infra.common.debug import FINITE_CHECKS
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
@@ -36,6 +38,20 @@ def check_quantizer(argument: str, quantizer: Any, target: QuantizationTarget) -
             "create one quantizer per quantized tensor"
         )
     return quantizer
+
+
+# Not traced by torch.compile (which would log each data-dependent branch): with the checks on it runs eagerly
+# between the compiled parts; with them off it is not reached.
+@torch.compiler.disable
+def check_finite_values(owner: str, tensor: str, x: torch.Tensor, quantizer: BasePytorchTrainableQuantizer) -> None:
+    """Raise `NonFiniteError` if `x` (what `quantizer` quantizes) or a variable of `quantizer` is unusable
+    (`trainable_infra.check_finite`)."""
+    if not bool(torch.isfinite(x).all()):
+        debug.check_input(owner, tensor, x.detach().float().cpu().numpy())
+    debug.check_parameters(owner, {
+        name: quantizer.get_quantizer_variable(name).detach().float().cpu().numpy()
+        for name in quantizer.quantizer_parameters
+    })
 
 
 def _call_kind(module: nn.Module, names: list[str]) -> str:
@@ -89,6 +105,10 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Quantize the weights, then run the wrapped module with them."""
         module = self.module
+        if FINITE_CHECKS.enabled:
+            for name, quantizer in self.weights_quantizers.items():
+                owner = f"the {name!r} quantizer ({type(quantizer).__name__}) of {type(self).__name__}({module!r})"
+                check_finite_values(owner, f"{type(module).__name__}.{name}", getattr(module, name), quantizer)
         quantized = {
             name: quantizer(getattr(module, name), self.training) for name, quantizer in self.weights_quantizers.items()
         }
@@ -124,6 +144,9 @@ class PytorchTrainableActivationQuantizationHolder(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Fake-quantize `inputs`."""
+        if FINITE_CHECKS.enabled:
+            quantizer = self.activation_holder_quantizer
+            check_finite_values(f"{type(self).__name__}({type(quantizer).__name__})", "its input", inputs, quantizer)
         return self.activation_holder_quantizer(inputs, self.training)
 
     def extra_repr(self) -> str:

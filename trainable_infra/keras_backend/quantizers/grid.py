@@ -25,7 +25,7 @@ from mct_quantizers.keras.quantizers import (
 
 from trainable_infra.common.config import RANGE_MAX, RANGE_MIN, THRESHOLD
 from trainable_infra.common.enums import VariableGroup
-from trainable_infra.common.errors import TrainableInfraError
+from trainable_infra.common.errors import NonFiniteError
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.common.quant_params import (
     SymmetricParams,
@@ -33,7 +33,13 @@ from trainable_infra.common.quant_params import (
     activation_quant_params,
     weight_quant_params,
 )
-from trainable_infra.keras_backend.fake_quant import effective_threshold, fake_quant, symmetric_range, uniform_range
+from trainable_infra.keras_backend.fake_quant import (
+    effective_range,
+    effective_threshold,
+    fake_quant,
+    symmetric_range,
+    uniform_range,
+)
 
 
 class _Grid:
@@ -54,6 +60,16 @@ class _Grid:
             return params
         # Activation parameters need no tensor shape; they were read (and validated) in __init__.
         return self.params
+
+    def check_exportable(self) -> None:
+        """Raise `NonFiniteError` if a parameter is NaN or ±Inf: no inferable quantizer has such a grid."""
+        for key, entry in self.quantizer_parameters.items():
+            value = np.asarray(entry.variable.numpy())
+            if not np.all(np.isfinite(value)):
+                raise NonFiniteError(
+                    f"{type(self).__name__} cannot be converted to an inferable quantizer: its {key} is not finite "
+                    f"({value.tolist()})"
+                )
 
     def _variable(self, layer: keras.layers.Layer, name: str, key: str, value: np.ndarray) -> keras.Variable:
         # Per-tensor parameters are scalars; per-channel ones C-length vectors, as the fused op takes them.
@@ -91,6 +107,7 @@ class SymmetricGrid(_Grid):
 
     def convert2inferable(self) -> Any:
         """The mct-quantizers Keras quantizer (symmetric or power-of-two) with the current threshold."""
+        self.check_exportable()
         p = self.params
         if self.quantization_target is QuantizationTarget.Weights:
             cls = WeightsPOTInferableQuantizer if p.power_of_two else WeightsSymmetricInferableQuantizer
@@ -116,26 +133,25 @@ class UniformGrid(_Grid):
         self.range_min = self._variable(layer, name, RANGE_MIN, self.params.range_min)
         self.range_max = self._variable(layer, name, RANGE_MAX, self.params.range_max)
 
+    def _effective_range(self) -> tuple[tf.Tensor, tf.Tensor]:
+        return effective_range(
+            tf.convert_to_tensor(self.range_min), tf.convert_to_tensor(self.range_max), self.params.min_threshold
+        )
+
     def quantize(self, inputs: tf.Tensor) -> tf.Tensor:
         """Fake-quantize `inputs` on the grid of the current range (TensorFlow's gradient: clipped identity)."""
-        low, high = uniform_range(
-            tf.convert_to_tensor(self.range_min), tf.convert_to_tensor(self.range_max), self.params.n_bits
-        )
+        low, high = uniform_range(*self._effective_range(), self.params.n_bits)
         return fake_quant(inputs, low, high, self.params.n_bits, self.axis)
 
     def current_range(self) -> tuple[list[float], list[float]]:
-        """The (range_min, range_max) as lists, checked to be ordered as the inferable quantizer needs."""
-        low = [float(v) for v in np.reshape(self.range_min.numpy(), -1)]
-        high = [float(v) for v in np.reshape(self.range_max.numpy(), -1)]
-        if not all(a < b for a, b in zip(low, high, strict=True)):
-            raise TrainableInfraError(
-                f"{type(self).__name__}: the range has range_min >= range_max (range_min={low}, "
-                f"range_max={high}); an inferable quantizer needs range_min < range_max in every channel"
-            )
-        return low, high
+        """The range the grid is built from now (a collapsed one held at min_threshold wide), as lists with
+        range_min < range_max in every channel, as the inferable quantizer takes it."""
+        low, high = self._effective_range()
+        return [float(v) for v in np.reshape(low, -1)], [float(v) for v in np.reshape(high, -1)]
 
     def convert2inferable(self) -> Any:
         """The mct-quantizers Keras uniform quantizer with the current range."""
+        self.check_exportable()
         low, high = self.current_range()
         if self.quantization_target is QuantizationTarget.Weights:
             return WeightsUniformInferableQuantizer(

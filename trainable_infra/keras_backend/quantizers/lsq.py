@@ -82,7 +82,8 @@ class _LSQUniform(UniformGrid):
         super().initialize_quantization(tensor_shape, name, layer)
         param_shape, reduce_axes = _param_layout(self, tensor_shape)
         self._lsq = lsq_uniform(
-            n_bits=self.params.n_bits, axis=self.axis, param_shape=param_shape, reduce_axes=reduce_axes,
+            n_bits=self.params.n_bits, min_threshold=self.params.min_threshold, axis=self.axis,
+            param_shape=param_shape, reduce_axes=reduce_axes,
             grad_scale=_grad_scale(self, tensor_shape, 2**self.params.n_bits - 1),
         )
 

@@ -50,6 +50,10 @@ def ste_input_grad(
         below = torch.nextafter(low, torch.full_like(low, -torch.inf)).item()
         above = torch.nextafter(high, torch.full_like(high, torch.inf)).item()
         return torch.ops.aten.hardtanh_backward(grad, x, below, above)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # A 0-dim (per-tensor) float32 bound would be rounded to the input's dtype for the comparison, passing the
+        # gradient to inputs just beyond the range end: compare in float32, as the forward computes.
+        x = x.float()
     return torch.where((x >= low) & (x <= high), grad, 0.0)
 
 

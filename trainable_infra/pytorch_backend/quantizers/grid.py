@@ -22,7 +22,7 @@ from mct_quantizers.pytorch.quantizers import (
 )
 
 from trainable_infra.common.enums import VariableGroup
-from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.errors import NonFiniteError, QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.common.numerics import broadcast_shape, lsq_grad_scale, lsq_num_elements_weights
 from trainable_infra.common.quant_params import SymmetricParams, UniformParams
@@ -81,16 +81,37 @@ class _Grid:
         )
         return params
 
-    def _variable(self, layer: Any, name: str, key: str, value: np.ndarray) -> torch.nn.Parameter:
+    def _variable(self, layer: Any, name: str, key: str, value: np.ndarray) -> None:
         variable = register_variable(
             layer, f"{name}_{key}", value, self.learnable_params and not self.freeze_quant_params
         )
         self.add_quantizer_variable(key, variable, VariableGroup.QPARAMS)
-        return variable
+        # The layer owns the variable and the quantizer reads it back by name on every use: FSDP,
+        # load_state_dict(assign=True) and torch.func.functional_call put other tensor objects on the layer,
+        # and a reference kept here would compute with (and send gradients to) the replaced one.
+        self._layer = layer
+        self._attributes[key] = f"{name}_{key}"
+
+    def get_quantizer_variable(self, name: str) -> torch.Tensor:
+        """Return the variable registered under `name`, as the layer holds it now."""
+        attribute = getattr(self, "_attributes", {}).get(name)
+        if attribute is None:
+            return super().get_quantizer_variable(name)
+        return getattr(self._layer, attribute)
 
     def fake_quantize(self, x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         """Fake-quantize `x` on the grid (Δ, zero point), without gradient rules."""
         return fake_quantize(x, delta, zero_point, self.axis, self.view, self.q_min, self.q_max)
+
+    def check_exportable(self) -> None:
+        """Raise `NonFiniteError` if a parameter is NaN or ±Inf: no inferable quantizer has such a grid."""
+        for key in self.quantizer_parameters:
+            value = self.get_quantizer_variable(key).detach()
+            if not bool(torch.isfinite(value).all()):
+                raise NonFiniteError(
+                    f"{type(self).__name__} cannot be converted to an inferable quantizer: its {key} is not finite "
+                    f"({value.cpu().tolist()})"
+                )
 
     def _weight_grad_scale(self, tensor_shape: Any, q_max: int) -> float:
         if self.quantization_target is not QuantizationTarget.Weights:
@@ -103,12 +124,18 @@ class SymmetricGrid(_Grid):
 
     def initialize_quantization(self, tensor_shape: Any, name: str, layer: Any) -> None:
         """Create the threshold variable `<name>_threshold` on `layer`."""
+        self._attributes: dict[str, str] = {}
         params = self._read(tensor_shape)
         self.params = params
-        self.threshold = self._variable(layer, name, "threshold", params.threshold)
+        self._variable(layer, name, "threshold", params.threshold)
         self.q_min, self.q_max = params.int_range
         self.steps = float(2 ** (params.n_bits - int(params.signed)))
         self.grad_scale = self._weight_grad_scale(tensor_shape, self.q_max)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """The threshold variable (C-length), as the layer holds it now."""
+        return getattr(self._layer, self._attributes["threshold"])
 
     def effective_threshold(self) -> torch.Tensor:
         """The threshold the grid uses (float32): clamped by min_threshold, rounded up to 2^k for POT."""
@@ -127,6 +154,7 @@ class SymmetricGrid(_Grid):
 
     def convert2inferable(self) -> Any:
         """The mct-quantizers PyTorch inferable quantizer with this grid."""
+        self.check_exportable()
         threshold = self.effective_threshold().detach().cpu().tolist()
         p = self.params
         if self.quantization_target is QuantizationTarget.Weights:
@@ -143,17 +171,34 @@ class UniformGrid(_Grid):
 
     def initialize_quantization(self, tensor_shape: Any, name: str, layer: Any) -> None:
         """Create the range variables `<name>_range_min` and `<name>_range_max` on `layer`."""
+        self._attributes: dict[str, str] = {}
         params = self._read(tensor_shape)
         self.params = params
-        self.range_min = self._variable(layer, name, "range_min", params.range_min)
-        self.range_max = self._variable(layer, name, "range_max", params.range_max)
+        self._variable(layer, name, "range_min", params.range_min)
+        self._variable(layer, name, "range_max", params.range_max)
         self.q_min, self.q_max = 0, 2**params.n_bits - 1
         self.grad_scale = self._weight_grad_scale(tensor_shape, self.q_max)
 
+    @property
+    def range_min(self) -> torch.Tensor:
+        """The lower range end (C-length), as the layer holds it now."""
+        return getattr(self._layer, self._attributes["range_min"])
+
+    @property
+    def range_max(self) -> torch.Tensor:
+        """The upper range end (C-length), as the layer holds it now."""
+        return getattr(self._layer, self._attributes["range_max"])
+
+    def effective_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range the grid spans (float32): widened to contain 0, and to min_threshold if narrower."""
+        low = self.range_min.detach().float().clamp_max(0.0)
+        # Training can push range_max to or below range_min (Δ = 0): a range that narrow is held at min_threshold.
+        high = torch.maximum(self.range_max.detach().float().clamp_min(0.0), low + self.params.min_threshold)
+        return low, high
+
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Δ, zero point) as C-length float32 and int32 vectors, outside autograd."""
-        low = self.range_min.detach().float().clamp_max(0.0)
-        high = self.range_max.detach().float().clamp_min(0.0)
+        low, high = self.effective_range()
         delta = (high - low) / self.q_max
         return delta, torch.round(-low / delta).clamp(0, self.q_max).to(torch.int32)
 
@@ -164,6 +209,7 @@ class UniformGrid(_Grid):
 
     def convert2inferable(self) -> Any:
         """The mct-quantizers PyTorch inferable quantizer with this grid."""
+        self.check_exportable()
         delta, zero_point = self.grid()
         d, z = delta.cpu().double(), zero_point.cpu().double()
         low, high = (-z * d).tolist(), ((self.q_max - z) * d).tolist()

@@ -99,8 +99,10 @@ class _LSQUniformFunction(torch.autograd.Function):
             scale = ctx.grad_scale
             grad_min = ((below - rounding) * scale).reshape(range_min.shape).to(range_min.dtype)
             grad_max = ((above + rounding) * scale).reshape(range_max.shape).to(range_max.dtype)
-            grad_min = grad_min * (range_min <= 0)
-            grad_max = grad_max * (range_max >= 0)
+            # A range held at its narrowest width (UniformGrid.effective_range) follows neither end.
+            wide = range_max.clamp_min(0.0) >= range_min.clamp_max(0.0) + q.params.min_threshold
+            grad_min = grad_min * ((range_min <= 0) & wide)
+            grad_max = grad_max * ((range_max >= 0) & wide)
         return grad_x if ctx.needs_input_grad[0] else None, grad_min, grad_max, None, None
 
 
