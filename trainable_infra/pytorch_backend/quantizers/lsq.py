@@ -25,11 +25,13 @@ from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, Unifo
 _SYMMETRIC_METHODS = [QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO]
 
 
-def _sum(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
-    """Σ a·b over everything (per-tensor) or over `dims` (per-channel)."""
-    if dims is None:
+def _sum(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...] | None, eager: bool) -> torch.Tensor:
+    """Σ a·b over everything (per-tensor) or over `dims` (per-channel); `eager` is what `eager()` said."""
+    if dims is None and eager:
+        # Eagerly a dot product saves the temporary a·b. Compiled, `reshape(-1)` would pin the reduction to the
+        # logical (NCHW) order, which inductor walks element by element on a channels-last activation.
         return torch.dot(a.reshape(-1), b.reshape(-1))
-    return (a * b).sum(dim=dims)
+    return (a * b).sum() if dims is None else (a * b).sum(dim=dims)
 
 
 def _steps(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, q: Any) -> tuple[torch.Tensor, ...]:
@@ -62,7 +64,7 @@ class _LSQSymmetricFunction(torch.autograd.Function):
             c, error = _steps(x.float(), delta, zero_point, q)
             g = grad_output.float()
             # ∂Q/∂Δ = e inside and the clipping level c outside, where the straight-through gradient is 0.
-            d_delta = _sum(g, error, q.reduce_dims) + _sum(g - grad_x.float(), c, q.reduce_dims)
+            d_delta = _sum(g, error, q.reduce_dims, ctx.eager) + _sum(g - grad_x.float(), c, q.reduce_dims, ctx.eager)
             grad = d_delta.reshape(threshold.shape).to(threshold.dtype) * (ctx.grad_scale / q.steps)
             # max(threshold, min_threshold) passes the gradient only where it is not clamped; the
             # power-of-two rounding passes it straight through.
@@ -92,10 +94,10 @@ class _LSQUniformFunction(torch.autograd.Function):
             g = grad_output.float()
             outside = g - grad_x.float()  # the upstream gradient where x was clipped
             # Clipped values sit at c = 0 (below) or c = K (above): Σ_above g = Σ outside·c / K.
-            above = _sum(outside, c, q.reduce_dims) / levels
+            above = _sum(outside, c, q.reduce_dims, ctx.eager) / levels
             below = (outside.sum() if q.reduce_dims is None else outside.sum(dim=q.reduce_dims)) - above
             # Inside, the rounding error moves the ends apart or together.
-            rounding = _sum(g, error, q.reduce_dims) / levels
+            rounding = _sum(g, error, q.reduce_dims, ctx.eager) / levels
             scale = ctx.grad_scale
             grad_min = ((below - rounding) * scale).reshape(range_min.shape).to(range_min.dtype)
             grad_max = ((above + rounding) * scale).reshape(range_max.shape).to(range_max.dtype)
