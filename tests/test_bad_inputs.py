@@ -486,11 +486,11 @@ CASES = [
              "got KerasQuantizerConvertingToItself("),
     BadInput("convert:keras-nan-range", keras_convert_with_nan_range, NonFiniteError,
              "STEUniformWeightQuantizer cannot be converted", "kernel_range_max is not finite ([nan"),
-    BadInput("convert:keras-subclassed", lambda: kb.convert_to_inferable(KerasSubclassed()), TrainableInfraError,
+    BadInput("convert:keras-subclassed", lambda: kb.convert_to_inferable(KerasSubclassed()), QCE,
              "supports Sequential and Functional models", "'subclassed' is a subclassed model"),
-    BadInput("convert:keras-layer", lambda: kb.convert_to_inferable(keras.layers.Dense(3)), TrainableInfraError,
+    BadInput("convert:keras-layer", lambda: kb.convert_to_inferable(keras.layers.Dense(3)), QCE,
              "convert_to_inferable expects a Keras model", "got <Dense name="),
-    BadInput("convert:keras-unbuilt", lambda: kb.convert_to_inferable(keras_unbuilt()), TrainableInfraError,
+    BadInput("convert:keras-unbuilt", lambda: kb.convert_to_inferable(keras_unbuilt()), QCE,
              "is not built", "model 'unbuilt'"),
 ]
 

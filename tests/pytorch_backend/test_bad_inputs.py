@@ -75,7 +75,7 @@ CASES = [
      QuantizerDefinitionError, "Undecorated must be decorated with @mark_quantizer"),
     ("module that is not a module", lambda: PytorchTrainableQuantizationWrapper(
         "conv", {"weight": STESymmetricWeightQuantizer(weights_config())}),
-     QuantizationConfigError, "module must be a torch.nn.Module, got str"),
+     QuantizationConfigError, "module must be a torch.nn.Module, got 'conv' of type str"),
     ("activation quantizer on a weight", lambda: PytorchTrainableQuantizationWrapper(
         nn.Linear(3, 4), {"weight": STESymmetricActivationQuantizer(activation_config())}),
      QuantizationConfigError, "weights_quantizers['weight'] must quantize Weights"),

@@ -8,7 +8,7 @@ import keras
 from keras.src.models.functional import Functional
 from mct_quantizers.keras.quantizers import BaseKerasInferableQuantizer
 
-from trainable_infra.common.errors import QuantizationConfigError, QuantizerDefinitionError, TrainableInfraError
+from trainable_infra.common.errors import QuantizationConfigError, QuantizerDefinitionError
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
 from trainable_infra.keras_backend.calibrate import all_layers
 from trainable_infra.keras_backend.inferable_wrappers import (
@@ -72,16 +72,16 @@ def convert_to_inferable(model: keras.Model) -> keras.Model:
         The inference model.
     """
     if not isinstance(model, keras.Model):
-        raise TrainableInfraError(
+        raise QuantizationConfigError(
             f"convert_to_inferable expects a Keras model, got {model!r} of type {type(model).__name__}"
         )
     if not isinstance(model, (keras.Sequential, Functional)):
-        raise TrainableInfraError(
+        raise QuantizationConfigError(
             f"convert_to_inferable supports Sequential and Functional models; {type(model).__name__} "
             f"{model.name!r} is a subclassed model, whose layer graph cannot be rebuilt"
         )
     if not model.built:
-        raise TrainableInfraError(
+        raise QuantizationConfigError(
             f"model {model.name!r} is not built: call it on data or give it an Input before converting"
         )
     trainable = (KerasTrainableQuantizationWrapper, KerasActivationQuantizationHolder)

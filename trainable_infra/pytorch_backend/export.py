@@ -40,7 +40,7 @@ def _inferable_quantizers(model: nn.Module) -> list[BasePyTorchInferableQuantize
 
 def _check_arguments(model: Any, example_inputs: Any, opset_version: Any, format: str, atol: Any) -> tuple:
     if not isinstance(model, nn.Module):
-        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {model!r} of type {type(model).__name__}")
     if not _inferable_quantizers(model):
         raise QuantizationConfigError(
             "model holds no mct-quantizers inferable quantizer; pass the model returned by convert_to_inferable"

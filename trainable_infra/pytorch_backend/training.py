@@ -17,7 +17,7 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def quantizers_of(model: nn.Module) -> dict[str, BasePytorchTrainableQuantizer]:
     """Every trainable quantizer of `model`, by "<module>.<attribute>" (holders: "<module>.activation")."""
     if not isinstance(model, nn.Module):
-        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {model!r} of type {type(model).__name__}")
     found = {}
     for name, module in model.named_modules():
         for attribute, quantizer in getattr(module, "weights_quantizers", {}).items():

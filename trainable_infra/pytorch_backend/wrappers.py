@@ -82,7 +82,9 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
     def __init__(self, module: nn.Module, weights_quantizers: Mapping[str, BasePytorchTrainableQuantizer]):
         super().__init__()
         if not isinstance(module, nn.Module):
-            raise QuantizationConfigError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+            raise QuantizationConfigError(
+                f"module must be a torch.nn.Module, got {module!r} of type {type(module).__name__}"
+            )
         if not isinstance(weights_quantizers, Mapping):
             raise QuantizationConfigError(
                 f"weights_quantizers must be a dict {{attribute name: quantizer}}, got {weights_quantizers!r}"
