@@ -438,7 +438,7 @@ CASES = [
              "model has no trainable activation quantizers", "this Sequential holds no"),
     BadInput("calibrate:torch-only-nan",
              lambda: pb.calibrate(torch_qat(), [torch.full((2, 4), float("nan"))], progress=False), QCE,
-             "saw no finite value in 1 batches of representative data", "['input_1_activation_quantizer'"),
+             "saw no finite value in 1 batch of representative data", "['input_1_activation_quantizer'"),
     BadInput("calibrate:keras-num-batches-float",
              lambda: kb.calibrate(keras_qat(), KERAS_DATA, 1.5, progress=False), QCE,
              "num_batches must be a positive int or None", "got 1.5"),

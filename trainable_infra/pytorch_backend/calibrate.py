@@ -96,7 +96,8 @@ def observe_holders(
     unseen = [name for name, observer in observers.items() if observer.count == 0]
     if unseen:
         raise QuantizationConfigError(
-            f"the activation quantizers {unseen} saw no finite value in {batches} batches of representative data "
+            f"the activation quantizers {unseen} saw no finite value in {batches} "
+            f"batch{'es' if batches != 1 else ''} of representative data "
             "(only NaN or ±Inf, or empty tensors)"
         )
     return observers
