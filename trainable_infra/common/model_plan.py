@@ -7,7 +7,8 @@ from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
-from trainable_infra.common.calibration import DEFAULT_ACTIVATION_THRESHOLD
+from trainable_infra.common.calibration import ACTIVATION_CALIBRATIONS, DEFAULT_ACTIVATION_THRESHOLD
+from trainable_infra.common.config import check_bool, check_choice, check_optional_count
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.qat_config import QATConfig
 
@@ -20,13 +21,7 @@ def check_qat_arguments(
         qat_config = QATConfig()
     if not isinstance(qat_config, QATConfig):
         raise QuantizationConfigError(f"qat_config must be a QATConfig, got {qat_config!r}")
-    if num_calibration_batches is not None and (
-        isinstance(num_calibration_batches, bool) or not isinstance(num_calibration_batches, int)
-        or num_calibration_batches < 1
-    ):
-        raise QuantizationConfigError(
-            f"num_calibration_batches must be a positive int or None (all batches), got {num_calibration_batches!r}"
-        )
+    check_optional_count("num_calibration_batches", num_calibration_batches)
     if qat_config.layer_types is not None:
         supported = sorted(supported_layer_types)
         unknown = sorted(set(qat_config.layer_types) - set(supported))
@@ -35,6 +30,14 @@ def check_qat_arguments(
                 f"layer_types names {unknown}, which the {backend} backend cannot quantize; supported: {supported}"
             )
     return qat_config
+
+
+def check_calibrate_arguments(num_batches: Any, calibration: Any, progress: Any) -> int | None:
+    """The batch count to use (None: all), after checking `calibrate`'s options."""
+    num_batches = check_optional_count("num_batches", num_batches)
+    check_choice("calibration", calibration, ACTIVATION_CALIBRATIONS)
+    check_bool("progress", progress)
+    return num_batches
 
 
 def check_overrides(config: QATConfig, names: Sequence[str]) -> None:

@@ -12,9 +12,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from trainable_infra.common.calibration import ACTIVATION_CALIBRATIONS, ActivationObserver
-from trainable_infra.common.config import check_bool, check_choice, check_optional_count
+from trainable_infra.common.calibration import ActivationObserver
 from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.model_plan import check_calibrate_arguments
 from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHolder
 
 # A single array of samples is split into batches of this size, Keras' default for `predict`.
@@ -210,9 +210,7 @@ def calibrate(
     """
     check_model(model)
     check_data("data", data)
-    num_batches = check_optional_count("num_batches", num_batches)
-    check_choice("calibration", calibration, ACTIVATION_CALIBRATIONS)
-    check_bool("progress", progress)
+    num_batches = check_calibrate_arguments(num_batches, calibration, progress)
     holders = holders_of(model)
     if not holders:
         raise QuantizationConfigError(

@@ -21,6 +21,7 @@ from torch import nn
 
 from trainable_infra.common.errors import ExportValidationError, QuantizationConfigError
 from trainable_infra.common.export import ExportReport, atomic_output, check_output_path, max_abs_difference
+from trainable_infra.pytorch_backend.calibrate import check_model
 from trainable_infra.pytorch_backend.qcdq import QCDQ_MIN_OPSET, use_qcdq_quantizers
 
 ONNX_FORMATS = ("custom_ops", "qcdq")
@@ -39,8 +40,7 @@ def _inferable_quantizers(model: nn.Module) -> list[BasePyTorchInferableQuantize
 
 
 def _check_arguments(model: Any, example_inputs: Any, opset_version: Any, format: str, atol: Any) -> tuple:
-    if not isinstance(model, nn.Module):
-        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {model!r} of type {type(model).__name__}")
+    check_model(model)
     if not _inferable_quantizers(model):
         raise QuantizationConfigError(
             "model holds no mct-quantizers inferable quantizer; pass the model returned by convert_to_inferable"

@@ -10,14 +10,14 @@ from torch import nn
 from trainable_infra.common.enums import VariableGroup
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
+from trainable_infra.pytorch_backend.calibrate import check_model
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def quantizers_of(model: nn.Module) -> dict[str, BasePytorchTrainableQuantizer]:
     """Every trainable quantizer of `model`, by "<module>.<attribute>" (holders: "<module>.activation")."""
-    if not isinstance(model, nn.Module):
-        raise QuantizationConfigError(f"model must be a torch.nn.Module, got {model!r} of type {type(model).__name__}")
+    check_model(model)
     found = {}
     for name, module in model.named_modules():
         for attribute, quantizer in getattr(module, "weights_quantizers", {}).items():
