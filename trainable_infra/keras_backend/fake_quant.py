@@ -3,7 +3,9 @@
 The forward pass is always TensorFlow's fused `fake_quant_with_min_max_vars[_per_channel]` op (through
 `keras.quantizers.fake_quant_with_min_max_vars`) fed with the `(min, max)` that mct-quantizers' Keras inferable
 quantizers compute from the same parameters, so a trained quantizer's output is bit-identical to the inferable
-quantizer it converts to. LSQ keeps that forward and replaces only the gradient (`tf.custom_gradient`).
+quantizer it converts to. LSQ keeps that forward and replaces only the gradient (`tf.custom_gradient`): it
+calls the same TensorFlow op directly, with the channels moved last as Keras does, so that the op's own gradient
+op gives the clipped sums in one pass.
 """
 
 from __future__ import annotations
@@ -99,6 +101,65 @@ def _activation_grad_scale(x: tf.Tensor, q_max: int) -> tf.Tensor:
     return tf.math.rsqrt(tf.cast(features * q_max, tf.float32))
 
 
+def _channels_last(x: tf.Tensor, axis: int | None) -> tf.Tensor:
+    """x with `axis` swapped with the last axis (its own inverse), as the per-channel fused ops need."""
+    rank = x.shape.rank
+    if axis is None or axis % rank == rank - 1:
+        return x
+    perm = list(range(rank))
+    perm[axis], perm[-1] = perm[-1], perm[axis]
+    return tf.transpose(x, perm)
+
+
+class _FusedLSQ:
+    """The fused op and its gradient op on float32 input with the channels last, and the sums LSQ's parameter
+    gradients are made of.
+
+    The gradient op gives the input gradient (dy where x is inside the op's range, exactly the STE quantizers'
+    input gradient) and the sums of dy below and above the range in one pass; the rounding error round(u) − u
+    inside is (Q(x) − x)/Δ, so LSQ needs one more product and sum instead of recomputing the grid per element.
+    """
+
+    def __init__(self, n_bits: int, axis: int | None):
+        self.n_bits, self.axis = n_bits, axis
+        per_channel = axis is not None
+        self.forward_op = (
+            tf.quantization.fake_quant_with_min_max_vars_per_channel
+            if per_channel else tf.quantization.fake_quant_with_min_max_vars
+        )
+        self.gradient_op = (
+            tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient
+            if per_channel else tf.quantization.fake_quant_with_min_max_vars_gradient
+        )
+
+    def forward(self, x: tf.Tensor, low: tf.Tensor, high: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(Q(x) in x's dtype and layout, x and Q(x) as float32 with the channels last): what `sums` needs."""
+        xf = _channels_last(tf.cast(x, tf.float32), self.axis)
+        yf = self.forward_op(xf, low, high, num_bits=self.n_bits)
+        return tf.cast(_channels_last(yf, self.axis), x.dtype), xf, yf
+
+    def sums(
+        self, dy: tf.Tensor, xf: tf.Tensor, yf: tf.Tensor, low: tf.Tensor, high: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(input gradient in dy's dtype and layout, Σ dy below the range, Σ dy above it, Σ dy·(Q(x) − x) inside),
+        the sums per channel or per tensor."""
+        dyf = _channels_last(tf.cast(dy, tf.float32), self.axis)
+        dx, below, above = self.gradient_op(dyf, xf, low, high, num_bits=self.n_bits)
+        # Over every axis but the channels (last here), or over all for per-tensor.
+        sum_axes = None if self.axis is None else list(range(xf.shape.rank - 1))
+        rounding = tf.reduce_sum(dx * (yf - xf), axis=sum_axes)
+
+        def without_infinite_inputs() -> tf.Tensor:
+            # An ±Inf input has dx = 0 and an infinite error, whose product is NaN: it is clipped, so it adds
+            # nothing here. NaN inputs keep their NaN error (LSQ's parameter gradients are NaN then, as in the
+            # reference). Only a step with non-finite values pays for this second pass.
+            error = tf.where(tf.math.is_inf(xf), tf.zeros_like(xf), yf - xf)
+            return tf.reduce_sum(dx * error, axis=sum_axes)
+
+        rounding = tf.cond(tf.reduce_all(tf.math.is_finite(rounding)), lambda: rounding, without_infinite_inputs)
+        return tf.cast(_channels_last(dx, self.axis), dy.dtype), below, above, rounding
+
+
 def lsq_symmetric(
     *,
     n_bits: int,
@@ -106,39 +167,32 @@ def lsq_symmetric(
     min_threshold: float,
     power_of_two: bool,
     axis: int | None,
-    param_shape: tuple[int, ...],
-    reduce_axes: tuple[int, ...] | None,
     grad_scale: float | None,
 ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """A function (x, threshold) -> Q(x) whose gradients are LSQ's (numerics.lsq_grads_symmetric, half up).
 
-    `param_shape` broadcasts the threshold against x, `reduce_axes` sums a per-element gradient back to the
-    threshold's shape, `grad_scale` is g = 1/sqrt(N·q_max) (None: computed from x as for activations).
+    x has its channels on `axis` (None: per-tensor); `grad_scale` is g = 1/sqrt(N·q_max) (None: computed from x
+    as for activations).
     """
-    levels = 2 ** (n_bits - int(signed))
+    fused = _FusedLSQ(n_bits, axis)
+    step = np.float32(2.0 ** -(n_bits - int(signed)))
     q_min, q_max = numerics.symmetric_int_range(n_bits, signed)
-    step = np.float32(1.0 / levels)
 
     @tf.custom_gradient
     def quantize(x, threshold):
         t = effective_threshold(threshold, min_threshold, power_of_two)
         low, high = symmetric_range(t, n_bits, signed)
-        y = fake_quant(x, low, high, n_bits, axis)
+        y, xf, yf = fused.forward(x, low, high)
 
         def grad(dy):
-            xf, dyf = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
-            delta = tf.reshape(t * step, param_shape)
-            u = xf / delta
-            below = xf < delta * q_min
-            above = xf > delta * q_max
-            d_delta = tf.where(below, float(q_min), tf.where(above, float(q_max), tf.floor(u + 0.5) - u))
+            dx, below, above, rounding = fused.sums(dy, xf, yf, low, high)
+            # ∂Q/∂Δ is q_min below the range, q_max above it and round(u) − u inside; Δ = t·step.
+            d_delta = float(q_min) * below + float(q_max) * above + rounding / (t * step)
             g = _activation_grad_scale(x, q_max) if grad_scale is None else grad_scale
-            d_threshold = tf.reduce_sum(dyf * d_delta, axis=reduce_axes) * (g * step)
+            d_threshold = d_delta * (g * step)
             # The min_threshold clamp passes the gradient only where it is inactive; 2^ceil(log2 t) passes it.
             d_threshold = d_threshold * tf.cast(threshold >= np.float32(min_threshold), tf.float32)
-            # Compared directly (not "neither below nor above") so that NaN inputs get no gradient, as in STE.
-            inside = tf.logical_and(xf >= delta * q_min, xf <= delta * q_max)
-            return dy * tf.cast(inside, dy.dtype), tf.reshape(d_threshold, tf.shape(threshold))
+            return dx, tf.reshape(d_threshold, tf.shape(threshold))
 
         return y, grad
 
@@ -150,49 +204,29 @@ def lsq_uniform(
     n_bits: int,
     min_threshold: float,
     axis: int | None,
-    param_shape: tuple[int, ...],
-    reduce_axes: tuple[int, ...] | None,
     grad_scale: float | None,
 ) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]:
     """A function (x, range_min, range_max) -> Q(x) with LSQ's range gradients (numerics.lsq_grads_uniform)."""
+    fused = _FusedLSQ(n_bits, axis)
     levels = 2**n_bits - 1
-    inv_levels = np.float32(1.0 / levels)
     narrowest_width = np.float32(min_threshold)
 
     @tf.custom_gradient
     def quantize(x, range_min, range_max):
         low, high = uniform_range(*effective_range(range_min, range_max, min_threshold), n_bits)
-        y = fake_quant(x, low, high, n_bits, axis)
+        y, xf, yf = fused.forward(x, low, high)
 
         def grad(dy):
-            xf, dyf = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
-            a_c = tf.minimum(range_min, 0.0)
-            b_c = tf.maximum(range_max, 0.0)
-            # A range held at its narrowest width (effective_range) follows neither end.
-            wide = b_c >= a_c + narrowest_width
-            a = tf.reshape(a_c, param_shape)
-            b = tf.reshape(tf.maximum(b_c, a_c + narrowest_width), param_shape)
-            delta = (b - a) / np.float32(levels)
-            zero_point = tf.clip_by_value(tf.floor(-a / delta + 0.5), 0.0, float(levels))
-            u = xf / delta + zero_point
-            below = xf < -zero_point * delta
-            above = xf > (levels - zero_point) * delta
-            # The input gradient compares with the range directly so that NaN inputs get none, as in STE; the
-            # rounding error keeps "neither below nor above", so that a NaN input makes the range gradients NaN.
-            inside = tf.logical_and(xf >= -zero_point * delta, xf <= (levels - zero_point) * delta)
-            clipped = tf.logical_or(below, above)
-            error = tf.where(clipped, 0.0, tf.floor(u + 0.5) - u) * inv_levels
+            dx, below, above, rounding = fused.sums(dy, xf, yf, low, high)
+            # Σ dy·(round(u) − u)/levels inside: the range is levels·Δ wide.
+            error = rounding / (high - low)
             g = _activation_grad_scale(x, levels) if grad_scale is None else grad_scale
-            d_min = tf.reduce_sum(dyf * (tf.cast(below, tf.float32) - error), axis=reduce_axes) * g
-            d_max = tf.reduce_sum(dyf * (tf.cast(above, tf.float32) + error), axis=reduce_axes) * g
-            # Widening the range to include zero passes the gradient only where it leaves the bound alone.
-            d_min = d_min * tf.cast(tf.logical_and(range_min <= 0.0, wide), tf.float32)
-            d_max = d_max * tf.cast(tf.logical_and(range_max >= 0.0, wide), tf.float32)
-            return (
-                dy * tf.cast(inside, dy.dtype),
-                tf.reshape(d_min, tf.shape(range_min)),
-                tf.reshape(d_max, tf.shape(range_max)),
-            )
+            # A range held at its narrowest width (effective_range) follows neither end, and widening the range
+            # to include zero passes the gradient only where it leaves the bound alone.
+            wide = tf.maximum(range_max, 0.0) >= tf.minimum(range_min, 0.0) + narrowest_width
+            d_min = (below - error) * g * tf.cast(tf.logical_and(range_min <= 0.0, wide), tf.float32)
+            d_max = (above + error) * g * tf.cast(tf.logical_and(range_max >= 0.0, wide), tf.float32)
+            return dx, tf.reshape(d_min, tf.shape(range_min)), tf.reshape(d_max, tf.shape(range_max))
 
         return y, grad
 

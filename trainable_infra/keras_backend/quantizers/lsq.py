@@ -26,13 +26,6 @@ from trainable_infra.keras_backend.quantizers.grid import SymmetricGrid, Uniform
 _SYMMETRIC_METHODS = [QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO]
 
 
-def _layout(shape: tuple[int, ...], axis: int | None) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    """(param_shape, reduce_axes): how a parameter broadcasts against a tensor and how its gradient sums back."""
-    if axis is None:
-        return (), None
-    return numerics.broadcast_shape(len(shape), axis), tuple(i for i in range(len(shape)) if i != axis)
-
-
 def _grad_scale(quantizer: Any, tensor_shape: Any, q_max: int) -> float | None:
     """g = 1/sqrt(N·q_max); for an activation whose feature dimensions are unknown, None (computed per call)."""
     shape = tuple(tensor_shape) if tensor_shape is not None else ()
@@ -41,12 +34,6 @@ def _grad_scale(quantizer: Any, tensor_shape: Any, q_max: int) -> float | None:
     if len(shape) > 1 and any(d is None for d in shape[1:]):
         return None
     return numerics.lsq_grad_scale(numerics.lsq_num_elements_activations(shape), q_max)
-
-
-def _param_layout(quantizer: Any, tensor_shape: Any) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    if quantizer.quantization_target is QuantizationTarget.Weights:
-        return _layout(tuple(int(d) for d in tensor_shape), quantizer.axis)
-    return (), None
 
 
 class _LSQSymmetric(SymmetricGrid):
@@ -59,11 +46,9 @@ class _LSQSymmetric(SymmetricGrid):
         super().initialize_quantization(tensor_shape, name, layer)
         p = self.params
         q_max = numerics.symmetric_int_range(p.n_bits, p.signed)[1]
-        param_shape, reduce_axes = _param_layout(self, tensor_shape)
         self._lsq = lsq_symmetric(
             n_bits=p.n_bits, signed=p.signed, min_threshold=p.min_threshold, power_of_two=p.power_of_two,
-            axis=self.axis, param_shape=param_shape, reduce_axes=reduce_axes,
-            grad_scale=_grad_scale(self, tensor_shape, q_max),
+            axis=self.axis, grad_scale=_grad_scale(self, tensor_shape, q_max),
         )
 
     def __call__(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
@@ -80,10 +65,8 @@ class _LSQUniform(UniformGrid):
     def initialize_quantization(self, tensor_shape: Any, name: str, layer: keras.layers.Layer) -> None:
         """Create the range variables and the training function for a tensor of `tensor_shape`."""
         super().initialize_quantization(tensor_shape, name, layer)
-        param_shape, reduce_axes = _param_layout(self, tensor_shape)
         self._lsq = lsq_uniform(
             n_bits=self.params.n_bits, min_threshold=self.params.min_threshold, axis=self.axis,
-            param_shape=param_shape, reduce_axes=reduce_axes,
             grad_scale=_grad_scale(self, tensor_shape, 2**self.params.n_bits - 1),
         )
 
