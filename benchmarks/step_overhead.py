@@ -102,6 +102,9 @@ def run_torch(args: argparse.Namespace) -> None:
     size = 224 if args.model == "resnet18" else 32
     float_model = (resnet18() if args.model == "resnet18" else float_cnn()).to(args.device)
     x = torch.randn(args.batch, 3, size, size, device=args.device)
+    if args.channels_last:
+        float_model = float_model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
     method = TrainingMethod[args.method]
     config = QATConfig(weight_training_method=method, activation_training_method=method)
@@ -138,7 +141,8 @@ def run_torch(args: argparse.Namespace) -> None:
                 times[name].append((time.perf_counter() - start) * 1e3)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(f"torch {torch.__version__}, {where}, {args.model}, batch {args.batch}, W8A8 {args.method}"
-          f"{', compiled' if args.compile else ', eager'}, median of {args.steps} interleaved steps")
+          f"{', compiled' if args.compile else ', eager'}{', channels-last' if args.channels_last else ''}, "
+          f"median of {args.steps} interleaved steps")
     base = statistics.median(times["float"])
     for name, values in times.items():
         median = statistics.median(values)
@@ -157,6 +161,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--torch-ao", action="store_true", help="also time torch.ao eager QAT (cnn7)")
+    parser.add_argument("--channels-last", action="store_true", help="models and input in channels-last memory format")
     args = parser.parse_args()
     if args.steps < 15:
         parser.error("--steps must be at least 15 for a meaningful median")

@@ -32,7 +32,8 @@ def fake_quantize(
     # Per-tensor, Δ is a 0-dim tensor, which does not promote a float16 / bfloat16 input: compute it in float32
     # as the fused kernel does (per-channel, the C-length Δ promotes it by itself).
     work = x.float() if axis is None and x.dtype in (torch.float16, torch.bfloat16) else x
-    steps = torch.round(work * torch.reciprocal(d)).add_(z).clamp_(q_min, q_max).sub_(z)
+    # In place after the first product: fresh memory costs more than the arithmetic on the CPU.
+    steps = (work * torch.reciprocal(d)).round_().add_(z).clamp_(q_min, q_max).sub_(z)
     return steps.mul_(d).to(x.dtype)
 
 

@@ -29,7 +29,10 @@ def _sum(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...] | None, eager: 
     """Σ a·b over everything (per-tensor) or over `dims` (per-channel); `eager` is what `eager()` said."""
     if dims is None and eager:
         # Eagerly a dot product saves the temporary a·b. Compiled, `reshape(-1)` would pin the reduction to the
-        # logical (NCHW) order, which inductor walks element by element on a channels-last activation.
+        # logical (NCHW) order, which inductor walks element by element on a channels-last activation; eagerly
+        # it would copy such a tensor into that order first, so the dot product runs over memory order.
+        if a.dim() == 4 and not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last):
+            a, b = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)
         return torch.dot(a.reshape(-1), b.reshape(-1))
     return (a * b).sum() if dims is None else (a * b).sum(dim=dims)
 
