@@ -5,7 +5,7 @@ The forward pass is always TensorFlow's fused `fake_quant_with_min_max_vars[_per
 quantizers compute from the same parameters, so a trained quantizer's output is bit-identical to the inferable
 quantizer it converts to. LSQ keeps that forward and replaces only the gradient (`tf.custom_gradient`): it
 calls the same TensorFlow op directly, with the channels moved last as Keras does, so that the op's own gradient
-op gives the clipped sums in one pass.
+op gives the input gradient and the clipped sums in one op.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class _FusedLSQ:
     gradients are made of.
 
     The gradient op gives the input gradient (dy where x is inside the op's range, exactly the STE quantizers'
-    input gradient) and the sums of dy below and above the range in one pass; the rounding error round(u) − u
+    input gradient) and the sums of dy below and above the range in one op; the rounding error round(u) − u
     inside is (Q(x) − x)/Δ, so LSQ needs one more product and sum instead of recomputing the grid per element.
     """
 
