@@ -7,6 +7,8 @@ where all of them are exact in float32: there every backend must match exactly, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ from tests.numerics.cases import (
     Case,
     case_params,
     exact_grid_params,
+    forward_inputs,
     reference_forward,
     reference_grads,
     reference_grid,
@@ -25,7 +28,7 @@ from tests.numerics.cases import (
 )
 from tests.numerics.compare import assert_rule2
 from tests.numerics.params import BACKENDS, CASE_PARAMS, LSQ_CASE_PARAMS, backend_case_params
-from trainable_infra import TrainableInfraError
+from trainable_infra import TrainableInfraError, TrainingMethod
 
 f32 = np.float32
 FLOAT32_MAX = np.finfo(f32).max
@@ -133,6 +136,19 @@ def test_input_gradient_is_inclusive_at_range_ends(adapter, case):
         dy = np.ones_like(x)
         _assert_equal(adapter.gradients(built, x, dy)["input"], reference_grads(case, params, x, dy)["input"], x,
                       f"{adapter.name} {case.id}: input gradient at a range end")
+
+
+@pytest.mark.parametrize("case", LSQ_CASE_PARAMS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lsq_input_gradient_is_the_ste_one(adapter, case):
+    """LSQ's input gradient is the straight-through one, bit for bit with the STE quantizer on the same grid, for
+    any parameters (not only exact grids): also at the range ends and the floats just beyond them."""
+    params = case_params(case)
+    ste_case = dataclasses.replace(case, training=TrainingMethod.STE)
+    x, dy = forward_inputs(case, params), upstream_gradient(case)
+    lsq = adapter.gradients(adapter.build(case, params), x, dy)["input"]
+    ste = adapter.gradients(adapter.build(ste_case, params), x, dy)["input"]
+    _assert_equal(lsq, ste, x, f"{adapter.name} {case.id}: LSQ input gradient vs STE")
 
 
 ZERO_END_CASES = [case for case in CASES if not case.is_weights and case.layout in ("unsigned", "positive", "negative")]
