@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -68,3 +69,13 @@ def warn_no_representative_data() -> None:
         f"(range [-{t:g}, {t:g}], or [0, {t:g}] after ReLU); call calibrate(model, data) or pass representative_data",
         stacklevel=3,
     )
+
+
+@contextlib.contextmanager
+def naming_layer(name: str) -> Iterator[None]:
+    """Add the layer's name to any error raised while its quantizers are made (e.g. by an invalid override)."""
+    try:
+        yield
+    except Exception as exc:
+        exc.add_note(f"raised while making the quantizers of layer {name!r}; the input model is unchanged")
+        raise

@@ -12,10 +12,9 @@ always takes the weights of a trained one; representative data sets the threshol
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import keras
@@ -38,6 +37,7 @@ from trainable_infra.common.model_plan import (
     check_overrides,
     check_qat_arguments,
     holder_name,
+    naming_layer,
     warn_no_representative_data,
 )
 from trainable_infra.common.qat_config import LayerSettings, QATConfig
@@ -148,16 +148,6 @@ def make_holder(
         QuantizationTarget.Activation, settings.activation_training_method, method, BaseKerasTrainableQuantizer
     )
     return KerasActivationQuantizationHolder(cls(quantizer_config), name=name)
-
-
-@contextlib.contextmanager
-def _naming_layer(name: str) -> Iterator[None]:
-    """Add the layer's name to any error raised while its quantizers are made (e.g. by an invalid override)."""
-    try:
-        yield
-    except Exception as exc:
-        exc.add_note(f"raised while making the quantizers of layer {name!r}; the input model is unchanged")
-        raise
 
 
 # --- the float graph ------------------------------------------------------------------------------------------
@@ -284,7 +274,7 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
             if settings.skip:
                 continue
             if id(layer) not in wrappers:
-                with _naming_layer(layer.name):
+                with naming_layer(layer.name):
                     wrappers[id(layer)] = make_wrapper(layer, kernels, settings, config)
             points.append((*_chain_end(call, graph, consumers, through_batch_norm=True), layer.name))
         elif isinstance(layer, _MERGE_LAYERS):
@@ -307,7 +297,7 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
         activation = _activation_name(producer) if producer is not None else None
         signed = activation not in NON_NEGATIVE_ACTIVATIONS
         params = default_activation_params(settings.activation_quantization_method, signed)
-        with _naming_layer(base):
+        with naming_layer(base):
             holders[key] = make_holder(settings, config, params, holder_name(base, taken))
     return _Plan(wrappers, holders)
 

@@ -11,11 +11,10 @@ elsewhere), so a model rebuilt by `quantize_model` from the same float model and
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import operator
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from trainable_infra.common.model_plan import (
     check_overrides,
     check_qat_arguments,
     holder_name,
+    naming_layer,
     warn_no_representative_data,
 )
 from trainable_infra.common.qat_config import LayerSettings, QATConfig
@@ -119,16 +119,6 @@ def make_holder(
     return PytorchTrainableActivationQuantizationHolder(cls(quantizer_config))
 
 
-@contextlib.contextmanager
-def _naming_layer(name: str) -> Iterator[None]:
-    """Add the layer's name to any error raised while its quantizers are made (e.g. by an invalid override)."""
-    try:
-        yield
-    except Exception as exc:
-        exc.add_note(f"raised while making the quantizers of layer {name!r}; the input model is unchanged")
-        raise
-
-
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
@@ -194,7 +184,7 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
             settings = config.for_layer(node.target)
             if settings.skip:
                 continue
-            with _naming_layer(node.target):
+            with naming_layer(node.target):
                 _set_submodule(gm, node.target, make_wrapper(modules[node.target], settings, config))
             outputs.append((_chain_end(node, modules, through_batch_norm=True), node.target))
         elif _is_merge(node):
@@ -212,7 +202,7 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
         done.add(end)
         name = holder_name(base, taken)
         signed = not _is_non_negative(end, modules)
-        with _naming_layer(base):
+        with naming_layer(base):
             gm.add_submodule(name, make_holder(settings, config, default_activation_params(
                 settings.activation_quantization_method, signed)))
         anchor = placeholders[-1] if end.op == "placeholder" else end
@@ -240,7 +230,7 @@ def _quantize_modules(model: nn.Module, config: QATConfig, reason: str) -> dict[
         if isinstance(module, layer_types):
             settings = config.for_layer(name)
             if not settings.skip:
-                with _naming_layer(name):
+                with naming_layer(name):
                     _set_submodule(model, name, make_wrapper(module, settings, config))
                 wrapped.append(name)
         elif config.quantize_activations and isinstance(module, _ACTIVATION_MODULES):
@@ -248,7 +238,7 @@ def _quantize_modules(model: nn.Module, config: QATConfig, reason: str) -> dict[
             if settings.skip:
                 continue
             signed = not isinstance(module, _NON_NEGATIVE_MODULES)
-            with _naming_layer(name):
+            with naming_layer(name):
                 holder = make_holder(settings, config, default_activation_params(
                     settings.activation_quantization_method, signed))
             _set_submodule(model, name, _ActivationThenQuantize(module, holder))
