@@ -21,50 +21,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+from kernel_cases import CHANNELS, SIZES, quantizers
 
-from trainable_infra import (
-    QuantizationMethod,
-    TrainableQuantizerActivationConfig,
-    TrainableQuantizerWeightsConfig,
-    TrainingMethod,
-)
-from trainable_infra.keras_backend import (
-    LSQSymmetricActivationQuantizer,
-    LSQSymmetricWeightQuantizer,
-    LSQUniformActivationQuantizer,
-    LSQUniformWeightQuantizer,
-    STESymmetricActivationQuantizer,
-    STESymmetricWeightQuantizer,
-    STEUniformActivationQuantizer,
-    STEUniformWeightQuantizer,
-)
-
-SIZES = {"1M": 1 << 20, "16M": 1 << 24}
-CHANNELS = 256
-
-
-def quantizers(method: TrainingMethod) -> dict[str, tuple]:
-    """{kind: (quantizer, is_weight)} for one training method."""
-    lsq = method is TrainingMethod.LSQ
-    sym, uni = QuantizationMethod.SYMMETRIC, QuantizationMethod.UNIFORM
-    weights = {"threshold": np.full(CHANNELS, 3.0)}
-    ranges = {"range_min": np.full(CHANNELS, -3.0), "range_max": np.full(CHANNELS, 3.0)}
-    return {
-        "weights symmetric per-channel": (
-            (LSQSymmetricWeightQuantizer if lsq else STESymmetricWeightQuantizer)(
-                TrainableQuantizerWeightsConfig(sym, 8, weights, True, -1, True, 2**-16)), True),
-        "weights uniform per-channel": (
-            (LSQUniformWeightQuantizer if lsq else STEUniformWeightQuantizer)(
-                TrainableQuantizerWeightsConfig(uni, 8, ranges, True, -1, True, 2**-16)), True),
-        "activations symmetric": (
-            (LSQSymmetricActivationQuantizer if lsq else STESymmetricActivationQuantizer)(
-                TrainableQuantizerActivationConfig(sym, 8, {"threshold": 3.0, "is_signed": True}, True, 2**-16)),
-            False),
-        "activations uniform": (
-            (LSQUniformActivationQuantizer if lsq else STEUniformActivationQuantizer)(
-                TrainableQuantizerActivationConfig(uni, 8, {"range_min": -3.0, "range_max": 3.0}, True, 2**-16)),
-            False),
-    }
+from trainable_infra import TrainingMethod
+from trainable_infra.keras_backend import BaseKerasTrainableQuantizer
 
 
 def timed(fn, repeats: int) -> float:
@@ -111,7 +71,7 @@ def run_size(size_name: str, repeats: int) -> None:
     baselines = {True: timed(lambda: per_channel(x, upstream), repeats),
                  False: timed(lambda: per_tensor(x, upstream), repeats)}
     for method in TrainingMethod:
-        for kind, (quantizer, is_weight) in quantizers(method).items():
+        for kind, (quantizer, is_weight) in quantizers(method, BaseKerasTrainableQuantizer, -1).items():
             layer = keras.layers.Layer()
             quantizer.initialize_quantization(tuple(x.shape) if is_weight else (None, CHANNELS), "t", layer)
             ours_step = step(lambda t, q=quantizer: q(t, True), list(layer.trainable_variables))

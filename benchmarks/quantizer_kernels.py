@@ -13,53 +13,12 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
+from kernel_cases import CHANNELS, SIZES, quantizers
 from torch import nn
 
-from trainable_infra import (
-    QuantizationMethod,
-    TrainableQuantizerActivationConfig,
-    TrainableQuantizerWeightsConfig,
-    TrainingMethod,
-)
-from trainable_infra.pytorch_backend import (
-    LSQSymmetricActivationQuantizer,
-    LSQSymmetricWeightQuantizer,
-    LSQUniformActivationQuantizer,
-    LSQUniformWeightQuantizer,
-    STESymmetricActivationQuantizer,
-    STESymmetricWeightQuantizer,
-    STEUniformActivationQuantizer,
-    STEUniformWeightQuantizer,
-)
-
-SIZES = {"1M": 1 << 20, "16M": 1 << 24}
-CHANNELS = 256
-
-
-def quantizers(method: TrainingMethod) -> dict[str, tuple]:
-    """{kind: (quantizer, is_weight)} for one training method."""
-    lsq = method is TrainingMethod.LSQ
-    sym, uni = QuantizationMethod.SYMMETRIC, QuantizationMethod.UNIFORM
-    weights = {"threshold": np.full(CHANNELS, 3.0)}
-    ranges = {"range_min": np.full(CHANNELS, -3.0), "range_max": np.full(CHANNELS, 3.0)}
-    return {
-        "weights symmetric per-channel": (
-            (LSQSymmetricWeightQuantizer if lsq else STESymmetricWeightQuantizer)(
-                TrainableQuantizerWeightsConfig(sym, 8, weights, True, 0, True, 2**-16)), True),
-        "weights uniform per-channel": (
-            (LSQUniformWeightQuantizer if lsq else STEUniformWeightQuantizer)(
-                TrainableQuantizerWeightsConfig(uni, 8, ranges, True, 0, True, 2**-16)), True),
-        "activations symmetric": (
-            (LSQSymmetricActivationQuantizer if lsq else STESymmetricActivationQuantizer)(
-                TrainableQuantizerActivationConfig(sym, 8, {"threshold": 3.0, "is_signed": True}, True, 2**-16)),
-            False),
-        "activations uniform": (
-            (LSQUniformActivationQuantizer if lsq else STEUniformActivationQuantizer)(
-                TrainableQuantizerActivationConfig(uni, 8, {"range_min": -3.0, "range_max": 3.0}, True, 2**-16)),
-            False),
-    }
+from trainable_infra import TrainingMethod
+from trainable_infra.pytorch_backend import BasePytorchTrainableQuantizer
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -109,7 +68,7 @@ def run_size(size_name: str, args: argparse.Namespace) -> None:
     baselines = {True: timed(fused_per_channel, args.repeats, args.device),
                  False: timed(fused_per_tensor, args.repeats, args.device)}
     for method in TrainingMethod:
-        for kind, (quantizer, is_weight) in quantizers(method).items():
+        for kind, (quantizer, is_weight) in quantizers(method, BasePytorchTrainableQuantizer, 0).items():
             layer = nn.Module()
             quantizer.initialize_quantization(tuple(x.shape) if is_weight else None, "t", layer)
             layer.to(args.device)
