@@ -198,6 +198,12 @@ class QATConfig:
             extremes) or "mse" (minimising the quantization error on a sample of the observed values).
         overrides: per-layer exceptions, a sequence of `LayerOverride` or a dict {pattern: settings};
             when several match a layer they apply in order, later ones winning.
+        fold_batch_norm: fold a BatchNorm that directly follows a convolution or dense / linear layer (its only
+            consumer) into that layer's weight and bias from its running statistics, as integer runtimes do,
+            before the weight quantizer is initialised; the BatchNorm is removed.
+        integer_bias: where a quantized layer's input comes from an activation quantizer, round its bias to
+            int32 on the grid Δ_in·Δ_w (per output channel) in the forward pass (straight-through gradient),
+            as onnxruntime, TensorRT and TFLite store it.
 
     Example:
         >>> config = QATConfig(weight_n_bits=4, overrides={"classifier*": {"weight_n_bits": 8}})
@@ -218,6 +224,8 @@ class QATConfig:
     weight_init: str = "max_abs"
     activation_calibration: str = "minmax"
     overrides: tuple[LayerOverride, ...] = ()
+    fold_batch_norm: bool = True
+    integer_bias: bool = True
 
     def __post_init__(self) -> None:
         for field in _OVERRIDABLE:
@@ -228,6 +236,8 @@ class QATConfig:
         check_choice("weight_init", self.weight_init, WEIGHT_INITS)
         check_choice("activation_calibration", self.activation_calibration, ACTIVATION_CALIBRATIONS)
         object.__setattr__(self, "overrides", _check_overrides(self.overrides))
+        object.__setattr__(self, "fold_batch_norm", check_bool("fold_batch_norm", self.fold_batch_norm))
+        object.__setattr__(self, "integer_bias", check_bool("integer_bias", self.integer_bias))
 
     def for_layer(self, name: str) -> LayerSettings:
         """The settings of the layer called `name`, with every matching override applied in order."""
@@ -251,6 +261,8 @@ class QATConfig:
             weight_init=self.weight_init,
             activation_calibration=self.activation_calibration,
             overrides=[o.to_dict() for o in self.overrides],
+            fold_batch_norm=self.fold_batch_norm,
+            integer_bias=self.integer_bias,
         )
         return result
 
