@@ -76,7 +76,9 @@ def _torch_digits() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 def test_pytorch_qat_model_trains_under_bfloat16_autocast(method):
     x, y = _torch_digits()
-    config = QATConfig(weight_training_method=method, activation_training_method=method)
+    # BatchNorm kept: folded, this untrained model's BatchNorms (unit statistics) leave activations whose LSQ
+    # threshold gradients (~1e-7) do not move a float32 threshold in six steps.
+    config = QATConfig(weight_training_method=method, activation_training_method=method, fold_batch_norm=False)
     model = quantize_model(_float_cnn(), config, [x[:32]], progress=False)
     thresholds = {n: p for n, p in model.named_parameters() if n.endswith("threshold")}
     assert len(thresholds) == 7  # 3 weights, 4 activations (the input and each layer's output)

@@ -17,8 +17,9 @@ LSQ_CONFIG = QATConfig(
     # The classifier gets uniform quantizers, so that learned ranges are checked as well as thresholds.
     overrides={"fc": {"weight_quantization_method": QuantizationMethod.UNIFORM,
                       "activation_quantization_method": QuantizationMethod.UNIFORM}},
+    fold_batch_norm=False,  # BatchNorm kept, so that its statistics (and their freezing) resume too
 )
-STE_CONFIG = QATConfig()
+STE_CONFIG = QATConfig(fold_batch_norm=False)
 
 
 def _data(n: int = 96) -> tuple[np.ndarray, np.ndarray]:

@@ -50,10 +50,18 @@ def test_converted_outputs_are_identical(trained):
         assert torch.equal(converted(x), trained(x))
 
 
+def test_default_onnx_export_is_qcdq_and_identical(trained, tmp_path):
+    converted = convert_to_inferable(trained)
+    x, _ = digits(64)
+    report = export_onnx(converted, tmp_path / "model.onnx", x, require_identical=1.0)
+    assert (report.format, report.max_abs_diff, report.identical, report.argmax_identical) == ("qcdq", 0.0, 1.0, 1.0)
+    assert {node.domain for node in onnx.load(report).graph.node} <= {"", "ai.onnx"}
+
+
 def test_onnx_export_runs_in_onnxruntime_and_matches(trained, tmp_path):
     converted = convert_to_inferable(trained)
     x, _ = digits(64)
-    report = export_onnx(converted, tmp_path / "model.onnx", x[:4])  # the batch axis stays free
+    report = export_onnx(converted, tmp_path / "model.onnx", x[:4], format="custom_ops")  # the batch axis stays free
     assert (report.path, report.format) == (str(tmp_path / "model.onnx"), "custom_ops")
     assert report.max_abs_diff <= 1e-6  # measured by the export itself, on x[:4]
     path = report.path

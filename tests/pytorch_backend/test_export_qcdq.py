@@ -144,35 +144,56 @@ def test_qcdq_is_standard_onnx_and_matches_the_converted_model(method, target, n
     graph = onnx.load(report).graph
     assert {node.domain for node in graph.node} <= {"", "ai.onnx"}
     ops = [node.op_type for node in graph.node if node.op_type != "Constant"]
-    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == 1
-    # The grid in the file is the library's: float32 Δ and the rounded zero point, stored as int8 / uint8.
     values = constants(graph)
-    quantize = next(node for node in graph.node if node.op_type == "QuantizeLinear")
-    scale, zero = values[quantize.input[1]], values[quantize.input[2]]
-    storage = np.int8 if q_min < 0 else np.uint8
-    assert scale.dtype == np.float32
-    assert zero.dtype == storage
     channels = 4 if axis is not None else 1
-    np.testing.assert_array_equal(scale.reshape(-1), delta[:channels])
-    np.testing.assert_array_equal(zero.reshape(-1), zero_point[:channels])
-    assert [a.i for a in quantize.attribute if a.name == "axis"] == ([] if axis is None else [axis])
-    clips = [node for node in graph.node if node.op_type == "Clip"]
-    if n_bits == 8:
-        assert not clips, "an 8-bit grid fills int8 / uint8: no Clip"
-    else:
-        (clip,) = clips
-        assert (values[clip.input[1]], values[clip.input[2]]) == (q_min, q_max)
-        assert values[clip.input[1]].dtype == storage
-
     session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run(None, {"input_0": x.numpy()})
     with torch.no_grad():
         torch_out = model(x).numpy()
     difference = np.abs(onnx_out.astype(np.float64) - torch_out).reshape(probed.shape)
+    if target.startswith("weights"):
+        # The weight's integers are stored (int8 for a signed grid, uint8 for a uniform one) behind a
+        # DequantizeLinear: the file holds exactly the converted model's quantized weight.
+        assert ops.count("QuantizeLinear") == 0
+        assert ops.count("DequantizeLinear") == 1
+        (dequantize,) = [node for node in graph.node if node.op_type == "DequantizeLinear"]
+        integers, scale, zero = (values[name] for name in dequantize.input)
+        assert integers.dtype == zero.dtype == (np.int8 if q_min < 0 else np.uint8)
+        np.testing.assert_array_equal(scale.reshape(-1), delta[:channels])
+        np.testing.assert_array_equal(zero.reshape(-1), zero_point[:channels])
+        view = (-1, 1) if axis is not None else (1, 1)
+        expected = np.round(torch_out.reshape(probed.shape) / delta[:channels].reshape(view)) + zero_point[
+            :channels].reshape(view)
+        np.testing.assert_array_equal(integers.astype(np.float64), expected)
+        assert integers.min() >= q_min
+        assert integers.max() <= q_max
+        assert report.max_abs_diff == 0
+        assert report.identical == 1.0
+        return
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == 1
+    # The grid in the file is the library's: float32 Δ and the rounded zero point, stored as uint8 (a signed grid
+    # with its zero point moved by 128: onnxruntime's integer kernels take uint8 activations).
+    quantize = next(node for node in graph.node if node.op_type == "QuantizeLinear")
+    scale, zero = values[quantize.input[1]], values[quantize.input[2]]
+    offset = 128 if q_min < 0 else 0
+    assert scale.dtype == np.float32
+    assert zero.dtype == np.uint8
+    np.testing.assert_array_equal(scale.reshape(-1), delta[:channels])
+    np.testing.assert_array_equal(zero.reshape(-1), zero_point[:channels] + offset)
+    assert [a.i for a in quantize.attribute if a.name == "axis"] == []
+    clips = [node for node in graph.node if node.op_type == "Clip"]
+    if n_bits == 8:
+        assert not clips, "an 8-bit grid fills uint8: no Clip"
+    else:
+        (clip,) = clips
+        assert (values[clip.input[1]], values[clip.input[2]]) == (q_min + offset, q_max + offset)
+        assert values[clip.input[1]].dtype == np.uint8
+
     tie = at_tie(probed, delta[:, None], zero_point[:, None])
     assert tie.any()
     assert (~tie).any()
     assert report.max_abs_diff == difference.max()
+    assert report.identical == np.mean(difference == 0)
     np.testing.assert_array_equal(difference[~tie], 0, err_msg="away from rounding ties the outputs are identical")
     # At a tie torch (x · 1/Δ) and ONNX (x / Δ) may round apart by one step; not for a power-of-two Δ.
     steps = np.broadcast_to(delta[:, None], difference.shape)[tie]
@@ -289,7 +310,8 @@ def test_a_successful_export_replaces_the_old_file(resnet, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"format": "tflite"}, r"format must be one of \('custom_ops', 'qcdq'\), got 'tflite'"),
+        ({"format": "tflite"}, r"format must be one of \('qcdq', 'custom_ops'\), got 'tflite'"),
+        ({"require_identical": 1.5}, r"require_identical must be None or a fraction .* in \[0, 1\], got 1\.5"),
         ({"format": "qcdq", "opset_version": 11}, r"opset_version must be an int in 13\.\.20 for format='qcdq', got 1"),
         ({"atol": -1.0}, r"atol must be None or a number >= 0, got -1\.0"),
     ],

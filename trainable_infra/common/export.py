@@ -26,12 +26,17 @@ class ExportReport:
         format: the format written, e.g. "custom_ops", "qcdq" or "tflite".
         max_abs_diff: the largest absolute difference between the runtime's outputs and the model's.
         runtime: the runtime that ran the check, with its version.
+        identical: the fraction of output values the runtime reproduced bit for bit (1.0: all of them).
+        argmax_identical: the fraction of rows (the last axis of each output of rank >= 2 with more than one
+            value per row, e.g. the logits of a classifier) whose argmax agrees; None when no output has rows.
     """
 
     path: str
     format: str
     max_abs_diff: float
     runtime: str
+    identical: float = 1.0
+    argmax_identical: float | None = None
 
     def __fspath__(self) -> str:
         return self.path
@@ -105,3 +110,50 @@ def max_abs_difference(expected: Sequence[np.ndarray], actual: Sequence[np.ndarr
         difference = np.where(np.isnan(difference), np.inf, difference)  # NaN on one side only, or inf - inf
         largest = max(largest, float(difference.max(initial=0.0)))
     return largest
+
+
+def output_agreement(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> tuple[float, float | None]:
+    """(fraction of identical values, fraction of rows with the same argmax or None) over all outputs.
+
+    Values that are equal, NaN included, are identical. Call after `max_abs_difference`, which checks the shapes.
+    """
+    same = total = 0
+    rows_same = rows = 0
+    for want, got in zip(expected, actual, strict=True):
+        want, got = np.asarray(want, dtype=np.float64), np.asarray(got, dtype=np.float64)
+        same += int(((want == got) | (np.isnan(want) & np.isnan(got))).sum())
+        total += want.size
+        if want.ndim >= 2 and want.shape[-1] > 1 and want.size:
+            rows_same += int((want.argmax(-1) == got.argmax(-1)).sum())
+            rows += want.size // want.shape[-1]
+    return (same / total if total else 1.0), (rows_same / rows if rows else None)
+
+
+def check_agreement(
+    expected: Sequence[np.ndarray], actual: Sequence[np.ndarray], atol: float | None, require_identical: float | None
+) -> tuple[float, float, float | None]:
+    """(max_abs_diff, identical, argmax_identical) of the runtime's outputs; raises `ExportValidationError` when
+    they differ by more than `atol` or fewer than `require_identical` of the values are identical."""
+    difference = max_abs_difference(expected, actual)
+    identical, argmax_identical = output_agreement(expected, actual)
+    if atol is not None and difference > atol:
+        raise ExportValidationError(
+            f"the runtime's outputs differ from the model's by up to {difference:.6g}, more than atol={atol}"
+        )
+    if require_identical is not None and identical < require_identical:
+        raise ExportValidationError(
+            f"the runtime reproduces {identical:.4%} of the model's output values bit for bit, fewer than "
+            f"require_identical={require_identical}"
+        )
+    return difference, identical, argmax_identical
+
+
+def check_require_identical(value: object) -> float | None:
+    """`value` if it is None or a fraction in [0, 1], else raise `QuantizationConfigError`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise QuantizationConfigError(
+            f"require_identical must be None or a fraction of identical outputs in [0, 1], got {value!r}"
+        )
+    return float(value)

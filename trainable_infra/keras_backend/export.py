@@ -24,7 +24,13 @@ import numpy as np
 import tensorflow as tf
 
 from trainable_infra.common.errors import ExportValidationError, QuantizationConfigError
-from trainable_infra.common.export import ExportReport, atomic_output, check_output_path, max_abs_difference
+from trainable_infra.common.export import (
+    ExportReport,
+    atomic_output,
+    check_agreement,
+    check_output_path,
+    check_require_identical,
+)
 from trainable_infra.keras_backend.calibrate import all_layers
 from trainable_infra.keras_backend.inferable_wrappers import (
     KerasInferableActivationQuantizationHolder,
@@ -103,6 +109,7 @@ def export_tflite(
     path: str | os.PathLike,
     representative_inputs: Any,
     atol: float | None = None,
+    require_identical: float | None = None,
 ) -> ExportReport:
     """Convert a model made by `convert_to_inferable` to TFLite and check the file in the TFLite interpreter.
 
@@ -122,14 +129,17 @@ def export_tflite(
         path: where to write the `.tflite` file.
         representative_inputs: an array (or one per model input) to check the file with, batch first.
         atol: if given, the largest absolute difference from the model's outputs that the check accepts.
+        require_identical: if given, the smallest fraction of output values the interpreter must reproduce bit
+            for bit (e.g. 1.0 or 0.999).
 
     Returns:
         An `ExportReport` (path-like: it stands for the path written) with the largest absolute difference
-        between the interpreter's outputs and the model's.
+        between the interpreter's outputs and the model's, the fraction of identical output values and of rows
+        with the same argmax.
 
     Raises:
-        ExportValidationError: the conversion failed, the interpreter could not run the file, or the outputs
-            differ by more than `atol`.
+        ExportValidationError: the conversion failed, the interpreter could not run the file, the outputs
+            differ by more than `atol` or fewer than `require_identical` of them are identical.
     """
     if not isinstance(model, keras.Model):
         raise QuantizationConfigError(f"model must be a Keras 3 model, got {type(model).__name__}")
@@ -141,6 +151,7 @@ def export_tflite(
     inputs = _check_inputs(model, representative_inputs)
     if atol is not None and (isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0):
         raise QuantizationConfigError(f"atol must be None or a number >= 0, got {atol!r}")
+    require_identical = check_require_identical(require_identical)
     target = check_output_path(path)
     expected = _outputs(model(inputs if len(inputs) > 1 else inputs[0], training=False))
     with tempfile.TemporaryDirectory() as saved_model:
@@ -164,11 +175,7 @@ def export_tflite(
                 if low_bits and "QUANTIZE" in str(exc) else ""
             )
             raise ExportValidationError(f"the TFLite interpreter could not run the exported file: {exc}{hint}") from exc
-        difference = max_abs_difference(expected, outputs)
-        if atol is not None and difference > atol:
-            raise ExportValidationError(
-                f"the TFLite interpreter's outputs differ from the model's by up to {difference:.6g}, "
-                f"more than atol={atol}"
-            )
-    return ExportReport(path=os.fspath(path), format="tflite", max_abs_diff=difference, runtime=runtime)
+        difference, identical, argmax_identical = check_agreement(expected, outputs, atol, require_identical)
+    return ExportReport(path=os.fspath(path), format="tflite", max_abs_diff=difference, runtime=runtime,
+                        identical=identical, argmax_identical=argmax_identical)
 

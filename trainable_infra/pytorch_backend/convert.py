@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from mct_quantizers import PytorchActivationQuantizationHolder, PytorchQuantizationWrapper
 from mct_quantizers.pytorch.quantizers import BasePyTorchInferableQuantizer
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 from trainable_infra.common.errors import QuantizationConfigError, QuantizerDefinitionError
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
 from trainable_infra.pytorch_backend.calibrate import check_model
+from trainable_infra.pytorch_backend.integer import IntegerQuantizationWrapper, integer_bias
 from trainable_infra.pytorch_backend.wrappers import (
     PytorchTrainableActivationQuantizationHolder,
     PytorchTrainableQuantizationWrapper,
@@ -42,7 +44,19 @@ def _convert(module: nn.Module, path: str = "") -> nn.Module:
         inferable = {
             name: _inferable(q, f"the {name!r} quantizer of {path!r}") for name, q in module.weights_quantizers.items()
         }
-        return PytorchQuantizationWrapper(_convert(module.module, f"{path}.module"), inferable)
+        layer = _convert(module.module, f"{path}.module")
+        holder = module.input_holder
+        if holder is None:
+            return PytorchQuantizationWrapper(layer, inferable)
+        x_step, w_step, scale = module._integer_grid()
+        b_int = None
+        if layer.bias is not None:
+            # The layer keeps the bias it trained with: b_int·s, as the runtime's DequantizeLinear gives it.
+            b_int = integer_bias(layer.bias, scale)
+            with torch.no_grad():
+                layer.bias.copy_((b_int.float() * scale).to(layer.bias.dtype))
+        input_quantizer = _inferable(holder.activation_holder_quantizer, f"the input holder of {path!r}")
+        return IntegerQuantizationWrapper(layer, inferable, input_quantizer, x_step, w_step, b_int, module._acc_dtype)
     if isinstance(module, PytorchTrainableActivationQuantizationHolder):
         return PytorchActivationQuantizationHolder(
             _inferable(module.activation_holder_quantizer, f"the activation holder {path!r}")

@@ -1,10 +1,12 @@
 """ONNX export of a converted model, checked in onnxruntime before it is put in place.
 
-Two formats. "custom_ops": each quantizer is an mct-quantizers custom op (any bit width; running the file
-needs onnxruntime-extensions and `mct_quantizers.get_ort_session_options()`). "qcdq": each quantizer is
-QuantizeLinear -> Clip -> DequantizeLinear (see `trainable_infra.pytorch_backend.qcdq`), standard ONNX ops that
-any runtime executes, for quantizers of up to 8 bits. torch's own fake-quant export is not used: it accepts
-only 8-bit ranges.
+Two formats. "qcdq" (the default): activations are QuantizeLinear -> [Clip] -> DequantizeLinear, weights int8
+initializers and biases int32 initializers behind DequantizeLinear (see `trainable_infra.pytorch_backend.qcdq`):
+standard ONNX that a plain onnxruntime session turns into integer kernels (QLinearConv, QGemm), for quantizers
+of up to 8 bits. "custom_ops": each quantizer is an mct-quantizers custom op (any bit width; running the file
+needs onnxruntime-extensions and `mct_quantizers.get_ort_session_options()`, which hands the op its float
+attributes rounded to 6 significant digits, so its outputs drift from the converted model's). torch's own
+fake-quant export is not used: it accepts only 8-bit ranges.
 """
 
 from __future__ import annotations
@@ -20,11 +22,17 @@ from mct_quantizers.pytorch.quantizers import BasePyTorchInferableQuantizer
 from torch import nn
 
 from trainable_infra.common.errors import ExportValidationError, QuantizationConfigError
-from trainable_infra.common.export import ExportReport, atomic_output, check_output_path, max_abs_difference
+from trainable_infra.common.export import (
+    ExportReport,
+    atomic_output,
+    check_agreement,
+    check_output_path,
+    check_require_identical,
+)
 from trainable_infra.pytorch_backend.calibrate import check_model
 from trainable_infra.pytorch_backend.qcdq import QCDQ_MIN_OPSET, use_qcdq_quantizers
 
-ONNX_FORMATS = ("custom_ops", "qcdq")
+ONNX_FORMATS = ("qcdq", "custom_ops")
 # The TorchScript exporter is the one that honours the quantizers' `symbolic` methods (the export-based one
 # needs onnxscript and a translation table instead); these are the opsets it writes.
 _MIN_OPSET, _MAX_OPSET = 7, 20
@@ -110,16 +118,20 @@ def export_onnx(
     example_inputs: Any,
     opset_version: int = 15,
     dynamic_batch: bool = True,
-    format: str = "custom_ops",
+    format: str = "qcdq",
     atol: float | None = None,
+    require_identical: float | None = None,
 ) -> ExportReport:
     """Export a model made by `convert_to_inferable` to ONNX and check the file in onnxruntime.
 
-    With format="custom_ops" the quantizers are mct-quantizers custom ops (any bit width); the file runs in
-    onnxruntime with `mct_quantizers.get_ort_session_options()` (onnxruntime-extensions). With format="qcdq"
-    each quantizer is QuantizeLinear -> Clip -> DequantizeLinear, standard ONNX ops that a plain
-    `onnxruntime.InferenceSession` or any other runtime executes (quantizers of up to 8 bits; symmetric,
-    power-of-two and uniform).
+    With format="qcdq" (the default) each activation quantizer is QuantizeLinear -> [Clip] -> DequantizeLinear,
+    each weight its integers (int8 / uint8) behind DequantizeLinear and, for a layer fed by an activation
+    quantizer, the bias its int32 integers on the grid Δ_in·Δ_w: standard ONNX that a plain
+    `onnxruntime.InferenceSession` runs as integer kernels (QLinearConv, QGemm) and computes as the converted
+    model does (quantizers of up to 8 bits; symmetric, power-of-two and uniform). With format="custom_ops"
+    the quantizers are mct-quantizers custom ops (any bit width); the file runs in onnxruntime with
+    `mct_quantizers.get_ort_session_options()` (onnxruntime-extensions), which reads the ops' float
+    parameters as text with 6 significant digits: expect outputs near, not identical to, the model's.
 
     The file is checked with `onnx.checker`, run in onnxruntime on `example_inputs` and compared with `model`
     before it replaces `path`; if anything fails, `path` is left as it was. `model` is not changed.
@@ -132,16 +144,21 @@ def export_onnx(
         dynamic_batch: whether the first axis of the inputs and outputs is left free (named "batch").
         format: "custom_ops" or "qcdq".
         atol: if given, the largest absolute difference from the model's outputs that the check accepts.
+        require_identical: if given, the smallest fraction of output values onnxruntime must reproduce bit for
+            bit (e.g. 1.0 or 0.999).
 
     Returns:
         An `ExportReport` (path-like: it stands for the path written) with the largest absolute difference
-        between onnxruntime's outputs and the model's. Inputs at a rounding tie of a quantizer can land one
-        quantization step apart, which later layers carry on.
+        between onnxruntime's outputs and the model's, the fraction of identical output values and of rows with
+        the same argmax. Inputs within float rounding of a quantizer's rounding tie can land one quantization
+        step apart, which later layers carry on.
 
     Raises:
-        ExportValidationError: the file failed the checker, did not run, or differs by more than `atol`.
+        ExportValidationError: the file failed the checker, did not run, differs by more than `atol` or
+            reproduces fewer values than `require_identical`.
     """
     inputs = _check_arguments(model, example_inputs, opset_version, format, atol)
+    require_identical = check_require_identical(require_identical)
     target = check_output_path(path)
     _session_options(format)  # a missing runtime fails here, before any work
     # Export works on a copy: the quantizers are switched to their export form, and tracing runs the model.
@@ -167,9 +184,6 @@ def export_onnx(
             )
         feeds = {name: t.detach().cpu().numpy() for name, t in zip(input_names, inputs, strict=True)}
         outputs, runtime = _run_onnxruntime(temporary, format, feeds)
-        difference = max_abs_difference(expected, outputs)
-        if atol is not None and difference > atol:
-            raise ExportValidationError(
-                f"onnxruntime's outputs differ from the model's by up to {difference:.6g}, more than atol={atol}"
-            )
-    return ExportReport(path=os.fspath(path), format=format, max_abs_diff=difference, runtime=runtime)
+        difference, identical, argmax_identical = check_agreement(expected, outputs, atol, require_identical)
+    return ExportReport(path=os.fspath(path), format=format, max_abs_diff=difference, runtime=runtime,
+                        identical=identical, argmax_identical=argmax_identical)

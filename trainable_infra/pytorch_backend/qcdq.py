@@ -29,6 +29,7 @@ from mct_quantizers.pytorch.quantizers import (
 from torch import nn
 
 from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.pytorch_backend.integer import IntegerQuantizationWrapper
 
 QCDQ_MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 
@@ -73,10 +74,12 @@ def _numpy(value: Any, dtype: type) -> np.ndarray:
     return np.asarray(value).astype(dtype)
 
 
-def qcdq_grid(quantizer: Any, where: str) -> QCDQGrid:
+def qcdq_grid(quantizer: Any, where: str, unsigned_storage: bool = False) -> QCDQGrid:
     """The grid of an mct-quantizers symmetric, power-of-two or uniform PyTorch inferable quantizer.
 
-    `where` names the quantizer in error messages.
+    `where` names the quantizer in error messages. With `unsigned_storage` a signed grid is stored as uint8 with
+    its zero point moved by 128 (the same values): onnxruntime's integer kernels take uint8 activations, and
+    converts int8 ones itself only where QuantizeLinear feeds DequantizeLinear directly (no Clip between).
     """
     if isinstance(quantizer, (WeightsSymmetricInferableQuantizer, WeightsUniformInferableQuantizer)):
         scale, zero_point = quantizer.scales, quantizer.zero_points
@@ -95,6 +98,8 @@ def qcdq_grid(quantizer: Any, where: str) -> QCDQGrid:
     if axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
     q_min, q_max = int(quantizer.min_quantized_domain), int(quantizer.max_quantized_domain)
+    if unsigned_storage and q_min < 0 and q_min >= -128 and q_max <= 127:
+        zero_point, q_min, q_max = np.asarray(zero_point + 128), q_min + 128, q_max + 128
     _, low, high = _STORAGE[q_min < 0]
     if q_min < low or q_max > high:
         raise QuantizationConfigError(
@@ -124,12 +129,68 @@ class _QuantizeClipDequantize(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero_point, **axis)
 
 
+class _DequantizeConstant(torch.autograd.Function):
+    """Returns the quantized tensor; the ONNX exporter writes its integers as an initializer -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx: Any, quantized: torch.Tensor, integers: torch.Tensor, scale: np.ndarray, zero_point: Any,
+                axis: int | None) -> torch.Tensor:
+        return quantized
+
+    @staticmethod
+    def symbolic(g: Any, quantized: Any, integers: Any, scale: np.ndarray, zero_point: Any, axis: int | None) -> Any:
+        # `integers` and `zero_point` are tensors of the export copy: the exporter writes them as initializers.
+        scale_node = g.op("Constant", value_t=torch.from_numpy(scale))
+        return g.op("DequantizeLinear", integers, scale_node, zero_point, **({} if axis is None else {"axis_i": axis}))
+
+
+class QCDQWeight:
+    """Stands in for a weight quantizer while a model is exported: the weight's integers are stored in the file
+    (int8 / uint8, as onnxruntime's `quantize_static` writes them) behind a DequantizeLinear."""
+
+    def __init__(self, quantizer: Any, weight: torch.Tensor, where: str):
+        self.quantizer = quantizer
+        self.grid = qcdq_grid(quantizer, where)
+        with torch.no_grad():
+            quantized = quantizer(weight.detach())
+            scale = torch.from_numpy(self.grid.scale)
+            zero_point = torch.from_numpy(self.grid.zero_point)
+            if self.grid.axis is not None:
+                view = [1] * quantized.dim()
+                view[self.grid.axis] = -1
+                scale, zero_point = scale.view(view), zero_point.view(view)
+            integers = torch.round(quantized.float().cpu() / scale) + zero_point
+        self.quantized = quantized
+        self.integers = integers.to(self.grid.storage)
+        self.zero_point = torch.from_numpy(self.grid.zero_point).to(self.grid.storage)
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        # The quantized weight is a constant of the export copy; its float form never reaches the file.
+        return _DequantizeConstant.apply(self.quantized, self.integers, self.grid.scale, self.zero_point,
+                                         self.grid.axis)
+
+
+class QCDQBias:
+    """Stands in for the int32 bias of an integer layer while it is exported: int32 initializer -> DequantizeLinear
+    with scale Δ_in·Δ_w, the layout onnxruntime's QLinearConv / QGemm take their bias from."""
+
+    def __init__(self, integers: torch.Tensor, scale: torch.Tensor):
+        self.integers = integers.detach().cpu().to(torch.int32)
+        scale = scale.detach().float().cpu().reshape(-1)
+        self.scale = (scale.reshape(()) if scale.numel() == 1 else scale).numpy()
+        self.axis = None if scale.numel() == 1 else 0
+        self.zero_point = torch.zeros(self.scale.shape, dtype=torch.int32)
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        return _DequantizeConstant.apply(inputs, self.integers, self.scale, self.zero_point, self.axis)
+
+
 class QCDQQuantizer:
     """Stands in for an inferable quantizer while a model is exported: same outputs, standard ONNX ops."""
 
     def __init__(self, quantizer: Any, where: str):
         self.quantizer = quantizer
-        self.grid = qcdq_grid(quantizer, where)
+        self.grid = qcdq_grid(quantizer, where, unsigned_storage=True)
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         return _QuantizeClipDequantize.apply(inputs, self.quantizer, self.grid)
@@ -144,10 +205,14 @@ def use_qcdq_quantizers(model: nn.Module) -> None:
     wrappers, holders = [], []
     for name, module in model.named_modules():
         if isinstance(module, PytorchQuantizationWrapper):
-            wrappers.append((module, {
-                key: QCDQQuantizer(quantizer, f"the {key!r} quantizer of {name!r}")
+            variables = {key: weight for key, weight, _ in module.get_weights_vars()}
+            quantizers = {
+                key: QCDQWeight(quantizer, variables[key], f"the {key!r} quantizer of {name!r}")
                 for key, quantizer in module.weights_quantizers.items()
-            }))
+            }
+            if isinstance(module, IntegerQuantizationWrapper) and module.integer_bias is not None:
+                quantizers["bias"] = QCDQBias(module.integer_bias, module.bias_scale)
+            wrappers.append((module, quantizers))
         elif isinstance(module, PytorchActivationQuantizationHolder):
             where = f"the activation quantizer of {name!r}"
             holders.append((module, QCDQQuantizer(module.activation_holder_quantizer, where)))
@@ -156,5 +221,14 @@ def use_qcdq_quantizers(model: nn.Module) -> None:
         # The wrapper's forward reads the quantizers from its (name, weight, quantizer) list, not from the dict.
         weights_vars = module.get_weights_vars()
         weights_vars[:] = [(key, weight, quantizers[key]) for key, weight, _ in weights_vars]
+        if "bias" in quantizers:
+            # As mct-quantizers does for the weight: the layer's bias parameter becomes a plain tensor attribute
+            # that the wrapper sets to the quantizer's output before each call.
+            bias = module.layer.bias.detach()
+            del module.layer.bias
+            module.layer.bias = bias
+            weights_vars.append(("bias", bias, quantizers["bias"]))
+        if isinstance(module, IntegerQuantizationWrapper):
+            module.integer_arithmetic = False
     for module, quantizer in holders:
         module.activation_holder_quantizer = quantizer

@@ -28,6 +28,7 @@ from trainable_infra.common.config import (
     check_bool,
 )
 from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.integer import fold_batch_norm
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.common.model_plan import (
     check_overrides,
@@ -63,6 +64,23 @@ _ACTIVATION_FUNCTIONS = {
     *_NON_NEGATIVE_FUNCTIONS, F.leaky_relu, F.gelu, F.silu, torch.tanh, F.tanh, F.hardswish, F.hardtanh, F.elu,
 }
 _ACTIVATION_METHODS = {*_NON_NEGATIVE_METHODS, "tanh"}
+# Operations whose output holds values of their input: a quantized input stays on its grid.
+_VALUE_PRESERVING_MODULES = (
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.PixelShuffle,
+    nn.PixelUnshuffle, nn.ChannelShuffle,
+)
+_VALUE_PRESERVING_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "unflatten",
+}
+_VALUE_PRESERVING_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, F.max_pool1d,
+    F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle,
+}
+_AVERAGING_MODULES = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
 # Functional ops whose outputs are quantized (they are where residual branches and concatenations meet).
 _MERGE_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat}
 _MERGE_METHODS = {"add", "add_"}
@@ -168,12 +186,128 @@ def _chain_end(node: fx.Node, modules: dict[str, nn.Module], through_batch_norm:
     return current
 
 
+def _foldable(
+    node: fx.Node, modules: dict[str, nn.Module], layer_types: tuple[type[nn.Module], ...], calls: dict[str, int]
+) -> bool:
+    """Whether `node` is a BatchNorm with running statistics whose input is a layer it is the only consumer of.
+
+    `calls` counts the graph's calls of each module: a layer or BatchNorm called twice is not folded.
+    """
+    if not _is_batch_norm(node, modules) or len(node.args) != 1 or node.kwargs or calls[node.target] != 1:
+        return False
+    bn, source = modules[node.target], node.args[0]
+    if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
+        return False
+    if calls[source.target] != 1:
+        return False
+    layer = modules.get(source.target)
+    if not isinstance(layer, layer_types) or bn.running_mean is None or bn.running_var is None:
+        return False
+    axis = weight_channel_axis(layer)
+    groups = getattr(layer, "groups", 1)
+    # A transposed convolution with groups keeps out_channels / groups on its channel axis: not one per output.
+    return layer.weight.shape[axis] == bn.num_features and (axis == 0 or groups == 1)
+
+
+def _fold_batch_norms(gm: fx.GraphModule, config: QATConfig) -> list[str]:
+    """Fold, in place, each BatchNorm that follows a quantizable layer into that layer; returns the folded names.
+
+    The layer becomes a copy with the folded weight and bias (a bias is added where it had none), the BatchNorm
+    node is removed from the graph. Layers skipped by the config are left alone.
+    """
+    modules = dict(gm.named_modules())
+    layer_types = _layer_types(config)
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = []
+    for node in list(gm.graph.nodes):
+        if not _foldable(node, modules, layer_types, calls):
+            continue
+        source = node.args[0]
+        if config.for_layer(source.target).skip:
+            continue
+        layer, bn = modules[source.target], modules[node.target]
+        to_numpy = lambda t: None if t is None else t.detach().double().cpu().numpy()  # noqa: E731
+        weight, bias = fold_batch_norm(
+            to_numpy(layer.weight), to_numpy(layer.bias), to_numpy(bn.running_mean), to_numpy(bn.running_var),
+            bn.eps, to_numpy(bn.weight), to_numpy(bn.bias), weight_channel_axis(layer),
+        )
+        new = copy.deepcopy(layer)
+        like = layer.weight
+        new.weight = nn.Parameter(torch.from_numpy(weight).to(device=like.device, dtype=like.dtype))
+        new.bias = nn.Parameter(torch.from_numpy(bias).to(device=like.device, dtype=like.dtype))
+        _set_submodule(gm, source.target, new)
+        modules[source.target] = new
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        folded.append(node.target)
+    for name in folded:
+        gm.delete_submodule(name)
+    return folded
+
+
+def _grid_source(node: Any, modules: dict[str, nn.Module], through_averages: bool = False) -> Any:
+    """The node whose values `node` passes on unchanged (reshaped, permuted or max-pooled), walking back.
+
+    With `through_averages`, averaging pools are walked through too (their output keeps the input's sign).
+    """
+    while isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node):
+        if node.op == "call_module":
+            kinds = (*_VALUE_PRESERVING_MODULES, *(_AVERAGING_MODULES if through_averages else ()))
+            if not isinstance(modules.get(node.target), kinds):
+                break
+        elif node.op == "call_method":
+            if node.target not in _VALUE_PRESERVING_METHODS:
+                break
+        elif node.op != "call_function" or node.target not in _VALUE_PRESERVING_FUNCTIONS:
+            break
+        node = node.args[0]
+    return node
+
+
+def _quantize_layer_inputs(
+    gm: fx.GraphModule, config: QATConfig, holders: dict[str, tuple[LayerSettings, bool]], taken: set[str]
+) -> None:
+    """Give every wrapped layer a quantized input and tell it which holder quantizes it (integer bias, exact
+    accumulator): a layer whose input is not a holder's output (through reshapes and max pools), e.g. after an
+    average pooling, gets a holder of its own, named after the layer."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        wrapper = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(wrapper, PytorchTrainableQuantizationWrapper) or len(node.args) != 1 or node.kwargs:
+            continue
+        source = _grid_source(node.args[0], modules)
+        holder = modules.get(source.target) if isinstance(source, fx.Node) and source.op == "call_module" else None
+        if not isinstance(holder, PytorchTrainableActivationQuantizationHolder):
+            settings = config.for_layer(node.target)
+            origin = _grid_source(node.args[0], modules, through_averages=True)
+            signed = not (
+                isinstance(origin, fx.Node)
+                and (_is_non_negative(origin, modules) or not holders.get(origin.target, (None, True))[1])
+            )
+            name = holder_name(f"{node.target}_input", taken)
+            with naming_layer(node.target):
+                holder = make_holder(settings, config, default_activation_params(
+                    settings.activation_quantization_method, signed))
+            gm.add_submodule(name, holder)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, (node.args[0],))
+            node.replace_input_with(node.args[0], new)
+            holders[name] = (settings, signed)
+        wrapper.set_input_holder(holder)
+
+
 def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[LayerSettings, bool]]:
     """Wrap layers and insert holders in a traced model; returns {holder name: (settings, signed)}."""
     modules = dict(gm.named_modules())
+    check_overrides(config, [*modules, *(node.name for node in gm.graph.nodes)])
+    if config.fold_batch_norm:
+        _fold_batch_norms(gm, config)
+        modules = dict(gm.named_modules())
     layer_types = _layer_types(config)
     graph = gm.graph
-    check_overrides(config, [*modules, *(node.name for node in graph.nodes)])
 
     outputs: list[tuple[fx.Node, str]] = []  # (node whose output is quantized, name its settings come from)
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
@@ -210,6 +344,8 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
             holder = graph.call_module(name, (end,))
         end.replace_all_uses_with(holder, delete_user_cb=lambda user, holder=holder: user is not holder)
         holders[name] = (settings, signed)
+    if config.integer_bias:
+        _quantize_layer_inputs(gm, config, holders, taken)
     return holders
 
 

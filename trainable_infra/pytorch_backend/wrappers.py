@@ -14,6 +14,13 @@ from trainable_infra.common.debug import FINITE_CHECKS
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
+from trainable_infra.pytorch_backend.integer import (
+    accumulator_dtype,
+    integer_bias,
+    integer_forward,
+    is_integer_layer,
+    quantize_bias,
+)
 
 # How the wrapped module is called with its quantized weight (chosen once, at construction).
 _CALL_LINEAR = "linear"
@@ -64,6 +71,11 @@ def _call_kind(module: nn.Module, names: list[str]) -> str:
     return _CALL_GENERIC
 
 
+def _abs_int_max(quantizer: Any) -> int:
+    """The largest |q - z| of a quantizer's integer grid (bounded by its range when the zero point moves)."""
+    return max(abs(int(quantizer.q_min)), abs(int(quantizer.q_max)))
+
+
 class PytorchTrainableQuantizationWrapper(nn.Module):
     """A module that runs `module` with its weights fake-quantized by trainable quantizers.
 
@@ -103,6 +115,45 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         for name, quantizer in self.weights_quantizers.items():
             quantizer.initialize_quantization(tuple(getattr(module, name).shape), name, self)
         self._call = _call_kind(module, list(self.weights_quantizers))
+        # A plain attribute, not a submodule: the holder belongs to the model, which registers it.
+        self.__dict__["_input_holder"] = None
+
+    @property
+    def input_holder(self) -> PytorchTrainableActivationQuantizationHolder | None:
+        """The activation holder whose output is this layer's input, if the bias is on its integer grid."""
+        return self.__dict__["_input_holder"]
+
+    def set_input_holder(self, holder: PytorchTrainableActivationQuantizationHolder | None) -> None:
+        """Compute as an integer kernel does, for inputs quantized by `holder` (None: as a float layer).
+
+        With a holder, the bias is rounded to int32 on the grid s = Δ_in·Δ_w (straight-through gradient) and, in
+        eval mode, the products are accumulated exactly and scaled once (`trainable_infra.pytorch_backend.integer`).
+        Layers other than a stock Conv1d/2d/3d or Linear, weights quantizers without a `grid()` and holders
+        without one keep the float computation.
+        """
+        if holder is not None and not isinstance(holder, PytorchTrainableActivationQuantizationHolder):
+            raise QuantizationConfigError(
+                f"holder must be a PytorchTrainableActivationQuantizationHolder or None, got {holder!r}"
+            )
+        usable = (
+            holder is not None
+            and is_integer_layer(self.module)
+            and list(self.weights_quantizers) == ["weight"]
+            and hasattr(self.weights_quantizers["weight"], "grid")
+            and hasattr(holder.activation_holder_quantizer, "grid")
+        )
+        self.__dict__["_input_holder"] = holder if usable else None
+        if usable:
+            self._acc_dtype = accumulator_dtype(
+                self.module, _abs_int_max(holder.activation_holder_quantizer),
+                _abs_int_max(self.weights_quantizers["weight"]),
+            )
+
+    def _integer_grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Δ_in, Δ_w, s = Δ_in·Δ_w): the input's step, the weight's steps and the bias grid, in float32."""
+        x_step = self.input_holder.activation_holder_quantizer.grid()[0]
+        w_step = self.weights_quantizers["weight"].grid()[0]
+        return x_step, w_step, x_step * w_step
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Quantize the weights, then run the wrapped module with them."""
@@ -114,6 +165,16 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         quantized = {
             name: quantizer(getattr(module, name), self.training) for name, quantizer in self.weights_quantizers.items()
         }
+        if self.input_holder is not None and len(args) == 1 and not kwargs:
+            x_step, w_step, scale = self._integer_grid()
+            if not self.training and args[0].dtype == torch.float32:
+                b_int = None if module.bias is None else integer_bias(module.bias, scale)
+                return integer_forward(module, args[0], x_step, quantized["weight"], w_step, b_int, scale,
+                                       self._acc_dtype)
+            bias = None if module.bias is None else quantize_bias(module.bias, scale)
+            if self._call == _CALL_LINEAR:
+                return F.linear(args[0], quantized["weight"], bias)
+            return module._conv_forward(args[0], quantized["weight"], bias)
         if len(args) == 1 and not kwargs:
             # The common layers are called with their quantized weight directly, which saves swapping parameters
             # in and out of the module on every step.

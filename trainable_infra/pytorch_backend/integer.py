@@ -1,0 +1,126 @@
+"""A layer as an integer kernel computes it: the int32 bias and the exact accumulator (`common.integer`).
+
+A convolution or linear layer whose input comes from an activation quantizer and whose weight is quantized
+runs, in onnxruntime (QLinearConv / QGemm), TensorRT and TFLite, as acc = Σ x_int·w_int + b_int in int32 and
+then acc·s with s = Δ_in·Δ_w. Written in float, the same layer sums its products in whatever order the
+float kernel picks and rounds each partial sum, so values near a rounding boundary of the next quantizer
+land on either side. In eval mode the layers here compute acc exactly (integer-valued operands, in float32
+while no sum can reach 2^24, else in float64) and then float32(acc)·s, as the integer kernel does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from mct_quantizers import PytorchQuantizationWrapper
+from torch import nn
+
+from trainable_infra.common.integer import INT32_MAX, INT32_MIN
+
+# Below 2^24 every integer is a float32 and so is every partial sum of integer products, in any order.
+_FLOAT32_EXACT = 2**24
+
+
+def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(bias / scale)·scale (ties to even, saturated at the int32 range), with a straight-through gradient.
+
+    `scale` is s = Δ_in·Δ_w, a float32 vector with one value per output channel (or one value).
+    """
+    detached = bias.detach()
+    q = torch.round(detached / scale).clamp_(INT32_MIN, INT32_MAX).mul_(scale)
+    # q + (b - b) is q bit for bit, and carries the gradient of b.
+    return q + (bias - detached)
+
+
+def integer_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(bias / scale) as float64 integers (exact), saturated at the int32 range."""
+    return torch.round(bias.detach().float() / scale).clamp_(INT32_MIN, INT32_MAX).double()
+
+
+def accumulator_dtype(module: nn.Module, x_abs_max: int, w_abs_max: int) -> torch.dtype:
+    """float32 where no sum of x_int·w_int of `module` can reach 2^24 (then it is exact in any order), else float64."""
+    weight = module.weight
+    # Products summed per output: every weight element of one output channel (conv: in/groups x kernel window).
+    terms = math.prod(weight.shape[1:])
+    return torch.float32 if terms * x_abs_max * w_abs_max < _FLOAT32_EXACT else torch.float64
+
+
+def integer_forward(
+    module: nn.Module,
+    x: torch.Tensor,
+    x_step: torch.Tensor,
+    w_quantized: torch.Tensor,
+    w_step: torch.Tensor,
+    b_int: torch.Tensor | None,
+    scale: torch.Tensor,
+    acc_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`module` (a Conv1d/2d/3d or Linear) on `x` as the integer kernel computes it: float32(acc + b_int)·s.
+
+    `x` and `w_quantized` lie on their grids (steps `x_step`, per-tensor, and `w_step`, per output channel or
+    one value); their integers relative to the zero point are round(x / Δ).
+    """
+    x_int = torch.round(x / x_step).to(acc_dtype)
+    w_int = torch.round(w_quantized / w_step.reshape((-1,) + (1,) * (w_quantized.dim() - 1))).to(acc_dtype)
+    if isinstance(module, nn.Linear):
+        acc = torch.nn.functional.linear(x_int, w_int)
+        channel_view = (-1,)
+    else:
+        acc = module._conv_forward(x_int, w_int, None)
+        channel_view = (-1,) + (1,) * (acc.dim() - 2)
+    if b_int is not None:
+        # The sum is exact in float64 (|acc + b| < 2^53) and rounded to float32 once, as float(int32) is.
+        acc = acc.double() + b_int.reshape(channel_view)
+    return acc.float() * scale.reshape(channel_view)
+
+
+def is_integer_layer(module: nn.Module) -> bool:
+    """Whether `module` is a layer `integer_forward` computes: a stock Conv1d/2d/3d or Linear."""
+    forward = type(module).forward
+    return forward in (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+class IntegerQuantizationWrapper(PytorchQuantizationWrapper):
+    """An mct-quantizers `PytorchQuantizationWrapper` of a Conv1d/2d/3d or Linear that computes as the integer
+    kernel does: its bias lies on the int32 grid s = Δ_in·Δ_w, and in eval mode its products are accumulated
+    exactly and scaled once (`integer_forward`), as the trained model's eval computes them.
+
+    Args:
+        module: the layer, its bias already on the grid (`bias = b_int·s`).
+        weights_quantizers: {"weight": the mct-quantizers inferable weight quantizer}.
+        input_quantizer: the mct-quantizers inferable activation quantizer whose output is the layer's input.
+        input_step: Δ_in, a float32 tensor of one value.
+        weight_step: Δ_w, float32, one value per output channel (or one value).
+        integer_bias: b_int (float64 integers, per output channel), or None for a layer without bias.
+        acc_dtype: the dtype that holds the accumulator exactly (`accumulator_dtype`).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        weights_quantizers: dict,
+        input_quantizer: Any,
+        input_step: torch.Tensor,
+        weight_step: torch.Tensor,
+        integer_bias: torch.Tensor | None,
+        acc_dtype: torch.dtype,
+    ):
+        super().__init__(module, weights_quantizers)
+        self.input_quantizer = input_quantizer
+        self.register_buffer("input_step", input_step.detach().float().clone())
+        self.register_buffer("weight_step", weight_step.detach().float().clone())
+        self.register_buffer("bias_scale", self.input_step * self.weight_step)
+        self.register_buffer("integer_bias", None if integer_bias is None else integer_bias.detach().double().clone())
+        self.acc_dtype = acc_dtype
+        # Export traces the float form (dequantize -> Conv / Gemm), which the runtime turns into its integer kernel.
+        self.integer_arithmetic = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The layer on its quantized input, accumulated exactly in eval mode."""
+        if self.training or not self.integer_arithmetic or len(args) != 1 or kwargs or args[0].dtype != torch.float32:
+            return super().forward(*args, **kwargs)
+        ((_, weight, quantizer),) = self.get_weights_vars()
+        return integer_forward(self.layer, args[0], self.input_step, quantizer(weight), self.weight_step,
+                               self.integer_bias, self.bias_scale, self.acc_dtype)
