@@ -98,8 +98,9 @@ def test_quantize_places_wrappers_and_holders_on_layers_and_merges(architecture)
     assert set(found) == set(EXPECTED_HOLDERS[architecture])
     signed = {name: holder.activation_quantizer.params.signed for name, holder in found.items()}
     assert signed == EXPECTED_HOLDERS[architecture]
+    # Every BatchNormalization of these models follows a convolution: folded into it and left out.
     assert [layer.name for layer in qat.layers if not isinstance(layer, KerasActivationQuantizationHolder)] == [
-        layer.name for layer in float_model.layers
+        layer.name for layer in float_model.layers if not isinstance(layer, keras.layers.BatchNormalization)
     ]
 
 
@@ -167,9 +168,9 @@ def test_sequential_model_stays_sequential_and_keeps_its_compile_settings(tmp_pa
     qat = quantize_model(float_model, QATConfig(weight_n_bits=4), X, progress=False)
     assert isinstance(qat, keras.Sequential)
     assert [layer.name for layer in qat.layers] == [
-        "image_activation_quantizer", "conv", "bn", "relu", "conv_activation_quantizer", "pool", "fc",
+        "image_activation_quantizer", "conv", "relu", "conv_activation_quantizer", "pool", "fc",
         "fc_activation_quantizer",
-    ]
+    ]  # bn is folded into conv
     assert qat.compiled
     assert qat.optimizer is not float_model.optimizer
     assert np.isfinite(fit(qat).history["loss"][0])
@@ -303,7 +304,8 @@ def test_freezing_leaves_fixed_ste_parameters_fixed():
 
 
 def test_freeze_bn_stats_keeps_moving_statistics():
-    qat = compiled(quantize_model(tiny_resnet(), QATConfig(), DATA, progress=False))
+    # BatchNormalizations stay (not folded) to have statistics to freeze.
+    qat = compiled(quantize_model(tiny_resnet(), QATConfig(fold_batch_norm=False), DATA, progress=False))
     batch_norm = qat.get_layer("layer1_conv1_bn")
     fit(qat)
     assert freeze_bn_stats(qat) == 6
@@ -316,7 +318,8 @@ def test_freeze_bn_stats_keeps_moving_statistics():
 
 
 def test_freeze_callback_applies_from_its_epoch():
-    config = QATConfig(weight_training_method=TrainingMethod.LSQ, activation_training_method=TrainingMethod.LSQ)
+    config = QATConfig(weight_training_method=TrainingMethod.LSQ, activation_training_method=TrainingMethod.LSQ,
+                       fold_batch_norm=False)  # BatchNormalizations kept, for their statistics
     qat = compiled(quantize_model(tiny_resnet(), config, DATA, progress=False), lr=0.01)
     learned = thresholds(qat)
     initial = {k: v.numpy().copy() for k, v in learned.items()}

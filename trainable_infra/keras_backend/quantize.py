@@ -5,6 +5,10 @@ holders go on the model inputs, after each quantized layer's activation (its own
 BatchNormalization and a following activation layer), and after `Add` and `Concatenate` layers. The layer graph is
 rebuilt with copies of the layers: names and weights are kept, the input model is not touched.
 
+With `QATConfig.fold_batch_norm` (the default) a BatchNormalization that only reads the output of a quantized layer
+is folded into that layer's kernel and bias from its moving statistics and left out of the rebuilt graph, as
+integer runtimes do; the weight quantizer starts from the folded kernel.
+
 A holder's signedness follows the architecture, not the data (unsigned after relu, relu6, sigmoid and
 hard_sigmoid, signed elsewhere), so a model rebuilt by `quantize_model` from the same float model and config
 always takes the weights of a trained one; representative data sets the thresholds and ranges.
@@ -14,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Hashable, Iterable
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import keras
+import numpy as np
 
 # The class of Functional models; keras.models.clone_model tests for it the same way.
 from keras.src.models.functional import Functional
@@ -32,6 +38,7 @@ from trainable_infra.common.config import (
     check_bool,
 )
 from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.integer import fold_batch_norm
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.common.model_plan import (
     check_overrides,
@@ -115,16 +122,25 @@ def copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
 
 
 def make_wrapper(
-    layer: keras.layers.Layer, kernels: dict[str, int], settings: LayerSettings, config: QATConfig
+    layer: keras.layers.Layer,
+    kernels: dict[str, int],
+    settings: LayerSettings,
+    config: QATConfig,
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> KerasTrainableQuantizationWrapper:
-    """Wrap a copy of `layer` with the quantizers `settings` ask for, initialised from `layer`'s kernels."""
+    """Wrap a copy of `layer` with the quantizers `settings` ask for, initialised from `layer`'s kernels.
+
+    `weights` ({attribute: value}, e.g. a folded kernel and bias) replaces the layer's own values where given;
+    a "bias" in it gives the copy a bias (`use_bias=True`).
+    """
+    weights = dict(weights or {})
     method = settings.weight_quantization_method
     cls = get_trainable_quantizer_class(
         QuantizationTarget.Weights, settings.weight_training_method, method, BaseKerasTrainableQuantizer
     )
     quantizers = {}
     for attribute, axis in kernels.items():
-        kernel = getattr(layer, attribute).numpy()
+        kernel = weights[attribute] if attribute in weights else getattr(layer, attribute).numpy()
         channel_axis = axis % kernel.ndim if settings.weight_per_channel else None
         params = weight_quant_params(
             kernel, method, settings.weight_n_bits, channel_axis, config.weight_init, config.min_threshold
@@ -133,7 +149,14 @@ def make_wrapper(
             method, settings.weight_n_bits, params, True, channel_axis, settings.weight_per_channel,
             config.min_threshold,
         ))
-    return KerasTrainableQuantizationWrapper(copy_layer(layer), quantizers, name=layer.name)
+    copy = copy_layer(layer) if "bias" not in weights else _with_bias(layer)
+    return KerasTrainableQuantizationWrapper(copy, quantizers, name=layer.name)
+
+
+def _with_bias(layer: keras.layers.Layer) -> keras.layers.Layer:
+    config = layer.get_config()
+    config["use_bias"] = True
+    return layer.__class__.from_config(config)
 
 
 def make_holder(
@@ -248,17 +271,74 @@ def _chain_end(call: _Call, graph: _Graph, consumers: dict, through_batch_norm: 
     return key, layer
 
 
+# --- BatchNorm folding ----------------------------------------------------------------------------------------
+
+
+def _batch_norm_to_fold(call: _Call, graph: _Graph, consumers: dict, calls_of: Counter) -> Any:
+    """The BatchNormalization that `call`'s layer can absorb, or None.
+
+    It must read the layer's output alone (the layer has no activation of its own, the output is no model output
+    and has no other reader), normalise the last (channel) axis, and both layers must be called once.
+    """
+    layer = call.layer
+    if _activation_name(layer) is not None or len(call.outputs) != 1 or calls_of[id(layer)] != 1:
+        return None
+    key = call.outputs[0]
+    readers = consumers.get(key, [])
+    if key in graph.outputs or len(readers) != 1:
+        return None
+    (user,) = readers
+    bn = user.layer
+    if not isinstance(bn, keras.layers.BatchNormalization) or calls_of[id(bn)] != 1 or user.inputs != [key]:
+        return None
+    rank = getattr(bn.input_spec, "ndim", None)
+    last_axis = bn.axis == -1 or (rank is not None and bn.axis % rank == rank - 1)
+    return bn if last_axis else None
+
+
+def folded_weights(layer: keras.layers.Layer, bn: keras.layers.BatchNormalization) -> dict[str, np.ndarray]:
+    """{attribute: float32 value} of `layer` with the BatchNormalization `bn` that follows it folded in
+    (`common.integer.fold_batch_norm` on the moving statistics): its output kernel and a bias."""
+    statistics = {
+        "mean": bn.moving_mean.numpy(),
+        "variance": bn.moving_variance.numpy(),
+        "epsilon": bn.epsilon,
+        "gamma": bn.gamma.numpy() if bn.scale else None,
+        "beta": bn.beta.numpy() if bn.center else None,
+    }
+    bias = layer.bias.numpy() if getattr(layer, "use_bias", False) else None
+    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        # The pointwise convolution makes the output channels; the depthwise kernel is unchanged.
+        kernel, bias = fold_batch_norm(layer.pointwise_kernel.numpy(), bias, channel_axis=-1, **statistics)
+        return {"depthwise_kernel": layer.depthwise_kernel.numpy(), "pointwise_kernel": kernel, "bias": bias}
+    kernel = layer.kernel.numpy()
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        # (*window, in, multiplier): output channel c = in_index * multiplier + m, the C order of the last two axes.
+        flat, bias = fold_batch_norm(kernel.reshape(*kernel.shape[:-2], -1), bias, channel_axis=-1, **statistics)
+        return {"kernel": flat.reshape(kernel.shape), "bias": bias}
+    _, kernels = next(entry for entry in QUANTIZABLE_LAYERS.values() if isinstance(layer, entry[0]))
+    kernel, bias = fold_batch_norm(kernel, bias, channel_axis=kernels["kernel"], **statistics)
+    return {"kernel": kernel, "bias": bias}
+
+
 @dataclasses.dataclass
 class _Plan:
     wrappers: dict[int, KerasTrainableQuantizationWrapper]  # id(float layer) -> its wrapper
     holders: dict[Hashable, KerasActivationQuantizationHolder]  # tensor key -> the holder applied to it
+    # id(float layer) -> the weights its copy gets instead of its own (a BatchNormalization folded in)
+    weights: dict[int, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    # BatchNormalization name -> the name of the layer it is folded into (the BatchNormalization is left out)
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    removed: set[int] = dataclasses.field(default_factory=set)  # id(float layer) of the folded BatchNormalizations
 
 
 def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
     names = [input_name(t) for _, t in graph.inputs] + [c.layer.name for c in graph.calls]
     check_overrides(config, list(dict.fromkeys(names)))
     consumers = graph.consumers()
-    wrappers: dict[int, KerasTrainableQuantizationWrapper] = {}
+    calls_of = Counter(id(c.layer) for c in graph.calls)
+    plan = _Plan({}, {})
+    wrappers = plan.wrappers
     # (tensor key, its producer (None for an input), the name its settings come from)
     points: list[tuple[Hashable, Any, str]] = [
         (key, None, input_name(tensor)) for key, tensor in graph.inputs
@@ -274,8 +354,13 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
             if settings.skip:
                 continue
             if id(layer) not in wrappers:
+                bn = _batch_norm_to_fold(call, graph, consumers, calls_of) if config.fold_batch_norm else None
                 with naming_layer(layer.name):
-                    wrappers[id(layer)] = make_wrapper(layer, kernels, settings, config)
+                    if bn is not None:
+                        plan.weights[id(layer)] = folded_weights(layer, bn)
+                        plan.folded[bn.name] = layer.name
+                        plan.removed.add(id(bn))
+                    wrappers[id(layer)] = make_wrapper(layer, kernels, settings, config, plan.weights.get(id(layer)))
             points.append((*_chain_end(call, graph, consumers, through_batch_norm=True), layer.name))
         elif isinstance(layer, _MERGE_LAYERS):
             points.append((*_chain_end(call, graph, consumers, through_batch_norm=False), layer.name))
@@ -286,9 +371,9 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
                 "quantize them", stacklevel=3,
             )
 
-    holders: dict[Hashable, KerasActivationQuantizationHolder] = {}
+    holders = plan.holders
     if not config.quantize_activations:
-        return _Plan(wrappers, holders)
+        return plan
     taken = set(names)
     for key, producer, base in points:
         settings = config.for_layer(base)
@@ -299,7 +384,7 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
         params = default_activation_params(settings.activation_quantization_method, signed)
         with naming_layer(base):
             holders[key] = make_holder(settings, config, params, holder_name(base, taken))
-    return _Plan(wrappers, holders)
+    return plan
 
 
 # --- rebuilding -------------------------------------------------------------------------------------------------
@@ -337,6 +422,10 @@ def _rebuild(model: keras.Model, graph: _Graph, plan: _Plan) -> tuple[keras.Mode
         new_inputs[key] = _new_input(tensor)
         tensors[key] = hold(key, new_inputs[key], applied)
     for call in graph.calls:
+        if id(call.layer) in plan.removed:  # a folded BatchNormalization: its input goes on
+            (key,) = call.outputs
+            tensors[key] = hold(key, tensors[call.inputs[0]], applied)
+            continue
         layer = new_layer(call.layer)
         applied.append(layer)
         outputs = keras.tree.flatten(call.replay(layer, tensors))
@@ -354,10 +443,14 @@ def _rebuild(model: keras.Model, graph: _Graph, plan: _Plan) -> tuple[keras.Mode
     return qat_model, pairs
 
 
-def _copy_weights(pairs: list[tuple[Any, Any]]) -> None:
+def _copy_weights(pairs: list[tuple[Any, Any]], plan: _Plan) -> None:
     for layer, new in pairs:
         target = new.layer if isinstance(new, KerasTrainableQuantizationWrapper) else new
-        target.set_weights(layer.get_weights())
+        if id(layer) in plan.weights:
+            for attribute, value in plan.weights[id(layer)].items():
+                getattr(target, attribute).assign(value)
+        else:
+            target.set_weights(layer.get_weights())
 
 
 def quantize_model(
@@ -406,7 +499,7 @@ def quantize_model(
             f"{model.name!r} has no layer to quantize: no {', '.join(types)} (or all were skipped by the config)"
         )
     qat_model, pairs = _rebuild(model, graph, plan)
-    _copy_weights(pairs)
+    _copy_weights(pairs, plan)
     if model.compiled:
         qat_model.compile_from_config(model.get_compile_config())
     if not plan.holders:
