@@ -171,6 +171,25 @@ def _is_merge(node: fx.Node) -> bool:
     )
 
 
+def _merges_non_negative(
+    node: fx.Node, modules: dict[str, nn.Module], holders: dict[str, tuple[LayerSettings, bool]]
+) -> bool:
+    """Whether `node` adds or concatenates only outputs of unsigned holders (so its own output is never negative).
+
+    Its holder is then unsigned too: a signed one would spend a bit on negatives, and its step would be twice the
+    step of an input with the same threshold, which puts half of that input's values on rounding ties.
+    """
+    if not _is_merge(node):
+        return False
+    inputs = node.args[0] if node.target in (torch.cat, torch.concat) else node.args[:2]
+    if not isinstance(inputs, (list, tuple)) or not inputs:
+        return False
+    return all(
+        isinstance(i, fx.Node) and i.op == "call_module" and i.target in holders and not holders[i.target][1]
+        for i in inputs
+    )
+
+
 def _chain_end(node: fx.Node, modules: dict[str, nn.Module], through_batch_norm: bool) -> fx.Node:
     """The last node of `node` -> [BatchNorm] -> [activation] where each step is the only user of the last."""
     current = node
@@ -335,7 +354,7 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
             continue
         done.add(end)
         name = holder_name(base, taken)
-        signed = not _is_non_negative(end, modules)
+        signed = not (_is_non_negative(end, modules) or _merges_non_negative(end, modules, holders))
         with naming_layer(base):
             gm.add_submodule(name, make_holder(settings, config, default_activation_params(
                 settings.activation_quantization_method, signed)))
