@@ -230,5 +230,6 @@ def use_qcdq_quantizers(model: nn.Module) -> None:
             weights_vars.append(("bias", bias, quantizers["bias"]))
         if isinstance(module, IntegerQuantizationWrapper):
             module.integer_arithmetic = False
+            module.input_export = QCDQQuantizer(module.input_quantizer, "the input quantizer of an integer layer")
     for module, quantizer in holders:
         module.activation_holder_quantizer = quantizer
