@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--weight-bits", type=int, default=4, help="weight bit width, 2..16 (default 4)")
     demo.add_argument("--activation-bits", type=int, default=8, help="activation bit width, 2..16 (default 8)")
     demo.add_argument("--method", choices=["STE", "LSQ"], default="STE", help="training method (default STE)")
+    demo.add_argument("--no-fold-batch-norm", dest="fold_batch_norm", action="store_false",
+                      help="keep BatchNorm as a float layer instead of folding it into the convolution before it")
     demo.add_argument("--epochs", type=int, default=10, help="QAT epochs (default 10)")
     demo.add_argument("--float-epochs", type=int, default=15, help="float training epochs (default 15)")
     demo.add_argument("--output", default=None, help="directory for the saved and exported models (default: temp)")
