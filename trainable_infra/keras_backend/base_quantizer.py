@@ -56,6 +56,12 @@ class BaseKerasTrainableQuantizer(BaseTrainableQuantizer):
         self.add_quantizer_variable(name, variable, group)
         return variable
 
+    def grid_step(self) -> Any:
+        """The step Δ of the quantizer's uniform grid now (a float32 scalar or per-channel vector), or None if it
+        has none. The integer bias (`QATConfig.integer_bias`) needs it from a layer's input and weight quantizers;
+        the built-in quantizers give the step of the fused op they run."""
+        return None
+
 
 class BaseKerasWeightTrainableQuantizer(BaseKerasTrainableQuantizer):
     """Base of Keras quantizers of weights (`mark_quantizer(quantization_target=QuantizationTarget.Weights)`)."""

@@ -62,8 +62,9 @@ def convert_to_inferable(model: keras.Model) -> keras.Model:
 
     Weights wrappers become `KerasInferableQuantizationWrapper`, activation holders
     `KerasInferableActivationQuantizationHolder` (an `Identity` where quantization is disabled); every other
-    layer is copied with its weights. The input model is not changed. The result predicts what the trained
-    model predicts in inference and saves to `.keras`.
+    layer is copied with its weights; a bias the trained wrapper rounds to its integer grid (`QATConfig.integer_bias`)
+    is stored rounded. The input model is not changed. The result predicts what the trained model predicts in
+    inference and saves to `.keras`.
 
     Args:
         model: a built Sequential or Functional Keras model (nested ones are converted too).
@@ -102,6 +103,10 @@ def convert_to_inferable(model: keras.Model) -> keras.Model:
         # The quantizers' own variables are baked into the inferable quantizers; only the layers' weights move.
         if isinstance(old, KerasTrainableQuantizationWrapper):
             new.layer.set_weights(old.layer.get_weights())
+            bias = old.integer_bias() if old.input_holder is not None and old.built else None
+            if bias is not None:
+                # The rounded bias is baked in: the inference layer adds the values the trained one adds.
+                new.layer.bias.assign(bias)
         elif not isinstance(old, KerasActivationQuantizationHolder):
             new.set_weights(old.get_weights())
     return converted

@@ -28,6 +28,33 @@ def fake_quant(x: tf.Tensor, min_range, max_range, n_bits: int, axis: int | None
     return keras.quantizers.fake_quant_with_min_max_vars(x, min_range, max_range, num_bits=n_bits, axis=axis)
 
 
+def op_step(min_range: tf.Tensor, max_range: tf.Tensor, n_bits: int) -> tf.Tensor:
+    """The step Δ of the fused op on [min_range, max_range]: (max - min) / (2^n - 1) in float32, the expression
+    of TensorFlow's `Nudge` (fake_quant_ops_functor.h), which the mct-quantizers inferable quantizers run too."""
+    # Not `/`: in a traced function Grappler turns a division by a constant into a multiplication by its
+    # reciprocal, which rounds differently (about 70% of random steps moved by one ulp). DivNoNan is left alone
+    # and is IEEE division for the nonzero divisor here.
+    return tf.math.divide_no_nan(max_range - min_range, np.float32(2**n_bits - 1))
+
+
+# int32 limits as float32 (2^31 - 1 rounds to 2^31): clipping here gives the float32 values of common.integer's
+# clipping in float64 followed by the int32 -> float32 cast.
+_INT32_LIMITS = (np.float32(-(2.0**31)), np.float32(2.0**31))
+
+
+@tf.custom_gradient
+def integer_bias(bias: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    """round(bias / scale)·scale in float32, ties to even (onnxruntime's and `common.integer.quantize_bias`'s
+    rounding), saturated at the int32 range; the gradient passes straight through to `bias`, none to `scale`."""
+    quotient = tf.clip_by_value(tf.round(bias / scale), *_INT32_LIMITS)  # tf.round rounds half to even
+    quotient = tf.where(tf.math.is_nan(quotient), tf.zeros_like(quotient), quotient)
+
+    def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return dy, tf.zeros_like(scale)
+
+    return quotient * scale, grad
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Ranges from variables (TensorFlow, traced into the step)
 # ---------------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ rebuilt with copies of the layers: names and weights are kept, the input model i
 
 With `QATConfig.fold_batch_norm` (the default) a BatchNormalization that only reads the output of a quantized layer
 is folded into that layer's kernel and bias from its moving statistics and left out of the rebuilt graph, as
-integer runtimes do; the weight quantizer starts from the folded kernel.
+integer runtimes do; the weight quantizer starts from the folded kernel. With `QATConfig.integer_bias` (the
+default) a wrapped layer that reads a holder's output rounds its bias on the grid Δ_in·Δ_w, as the runtimes store
+it (`KerasTrainableQuantizationWrapper(input_holder=...)`).
 
 A holder's signedness follows the architecture, not the data (unsigned after relu, relu6, sigmoid and
 hard_sigmoid, signed elsewhere), so a model rebuilt by `quantize_model` from the same float model and config
@@ -330,6 +332,8 @@ class _Plan:
     # BatchNormalization name -> the name of the layer it is folded into (the BatchNormalization is left out)
     folded: dict[str, str] = dataclasses.field(default_factory=dict)
     removed: set[int] = dataclasses.field(default_factory=set)  # id(float layer) of the folded BatchNormalizations
+    # id(float layer) -> the name of the holder whose grid its bias is rounded on (QATConfig.integer_bias)
+    input_holders: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
@@ -384,7 +388,29 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
         params = default_activation_params(settings.activation_quantization_method, signed)
         with naming_layer(base):
             holders[key] = make_holder(settings, config, params, holder_name(base, taken))
+    if config.integer_bias:
+        _plan_integer_bias(graph, plan, calls_of)
     return plan
+
+
+def _has_grid_step(quantizer: Any) -> bool:
+    return type(quantizer).grid_step is not BaseKerasTrainableQuantizer.grid_step
+
+
+def _plan_integer_bias(graph: _Graph, plan: _Plan, calls_of: Counter) -> None:
+    """Record the input holder of each wrapped layer, called once, that reads a holder's output directly and has a
+    bias and a quantized "kernel" (separable convolutions have none: their pointwise input is not on a grid)."""
+    for call in graph.calls:
+        wrapper = plan.wrappers.get(id(call.layer))
+        if wrapper is None or calls_of[id(call.layer)] != 1 or len(call.inputs) != 1:
+            continue
+        holder = plan.holders.get(call.inputs[0])
+        kernel_quantizer = wrapper.weights_quantizers.get("kernel")
+        has_bias = getattr(call.layer, "use_bias", False) or "bias" in plan.weights.get(id(call.layer), {})
+        if holder is None or kernel_quantizer is None or not has_bias:
+            continue
+        if _has_grid_step(kernel_quantizer) and _has_grid_step(holder.activation_quantizer):
+            plan.input_holders[id(call.layer)] = holder.name
 
 
 # --- rebuilding -------------------------------------------------------------------------------------------------
@@ -404,6 +430,8 @@ def _rebuild(model: keras.Model, graph: _Graph, plan: _Plan) -> tuple[keras.Mode
             return layer  # a stateless operation
         if id(layer) not in copies:
             wrapper = plan.wrappers.get(id(layer))
+            if wrapper is not None:
+                wrapper.input_holder = plan.input_holders.get(id(layer))
             copies[id(layer)] = wrapper if wrapper is not None else copy_layer(layer)
             pairs.append((layer, copies[id(layer)]))
         return copies[id(layer)]

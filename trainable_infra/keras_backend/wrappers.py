@@ -18,6 +18,7 @@ from trainable_infra.common.debug import FINITE_CHECKS
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
+from trainable_infra.keras_backend.fake_quant import integer_bias
 
 PACKAGE = "trainable_infra"
 # The note on XLA: the layers here and in inferable_wrappers.py set `supports_jit = False`, so Keras never
@@ -185,10 +186,19 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
     both the float variable and the quantizer's parameters. Works in Sequential and Functional models, eagerly
     and under `model.fit`, and saves to `.keras`.
 
+    With `input_holder` (what `quantize_model` sets where `QATConfig.integer_bias` is on) the layer's bias is
+    rounded as integer runtimes store it: round(b / s)·s with s = Δ_in·Δ_w, the float32 product of the step of
+    that holder's quantizer and the per-output-channel step of the kernel's (`integer_bias`); the gradient passes
+    straight through to the bias. The holder is found by name when the wrapper is called on its output while a
+    model is built (`keras.Model(...)`, loading a `.keras` file, `clone_model`).
+
     Args:
         layer: the Keras layer to wrap (built or not).
         weights_quantizers: attribute name of a layer variable (e.g. "kernel", "depthwise_kernel") -> a
             weights quantizer (a `BaseKerasTrainableQuantizer` with target Weights), one instance per variable.
+        input_holder: the name of the `KerasActivationQuantizationHolder` whose output the layer reads, to round
+            the bias on its grid; None keeps the float bias. Needs a quantizer of "kernel" quantized per output
+            channel (or per tensor).
         **kwargs: Keras layer arguments (`name` defaults to "quant_" + the layer's name).
 
     Example:
@@ -198,6 +208,38 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
 
     quantizer_base = BaseKerasTrainableQuantizer
     quantizer_kind = "Keras weights trainable quantizer"
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        weights_quantizers: Mapping[str, Any],
+        input_holder: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(layer, weights_quantizers, **kwargs)
+        if input_holder is not None:
+            if not isinstance(input_holder, str) or not input_holder:
+                raise QuantizationConfigError(
+                    "input_holder must be None or the name of a KerasActivationQuantizationHolder, got "
+                    f"{input_holder!r}"
+                )
+            if "kernel" not in self.weights_quantizers:
+                raise QuantizationConfigError(
+                    f"input_holder={input_holder!r} rounds the bias on the grid of the input's and the kernel's steps, "
+                    f"but layer {layer.name!r} has no 'kernel' quantizer (weights_quantizers: "
+                    f"{sorted(self.weights_quantizers)})"
+                )
+        self.input_holder = input_holder
+        # weakref.ref to the holder once found: a plain attribute would make Keras track it as a sublayer.
+        self._input_holder_ref: Callable[[], Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.input_holder is not None and args:
+            history = getattr(args[0], "_keras_history", None)  # set on symbolic tensors while a model is built
+            producer = history.operation if history is not None else None
+            if isinstance(producer, KerasActivationQuantizationHolder) and producer.name == self.input_holder:
+                self._input_holder_ref = weakref.ref(producer)
+        return super().__call__(*args, **kwargs)
 
     def build(self, input_shape: Any) -> None:
         if not self.layer.built:
@@ -211,6 +253,42 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
             quantizer.initialize_quantization(tuple(variable.shape), name, self)
             quantized.append(QuantizedWeight(name, variable, quantizer))
         self._quantized_weights = tuple(quantized)
+        self._bias = None
+        bias = getattr(self.layer, "bias", None)
+        if self.input_holder is not None and isinstance(bias, keras.Variable):
+            self._bias = bias
+            # Depthwise output channel c = input channel c // multiplier: the kernel's steps are per input channel.
+            self._bias_step_repeat = int(getattr(self.layer, "depth_multiplier", 1) or 1)
+
+    def integer_bias(self) -> tf.Tensor | None:
+        """The bias the forward pass uses: round(b / s)·s on the grid s = Δ_in·Δ_w (float32, per output channel),
+        or None where the float bias is used (no `input_holder`, no bias, or a quantizer without a grid step)."""
+        if self._bias is None:
+            return None
+        holder = self._input_holder_ref() if self._input_holder_ref is not None else None
+        if holder is None:
+            raise QuantizationConfigError(
+                f"layer {self.name!r} rounds its bias on the grid of holder {self.input_holder!r} but has not found "
+                "it: the wrapper finds its input_holder when it is called on that holder's output while a Functional "
+                "or Sequential model is built"
+            )
+        kernel_quantizer = self.weights_quantizers["kernel"]
+        if not (holder._enabled and kernel_quantizer.weights_quantization()):
+            return None
+        input_step, kernel_step = holder.activation_quantizer.grid_step(), kernel_quantizer.grid_step()
+        if input_step is None or kernel_step is None:
+            return None
+        scale = tf.cast(input_step, tf.float32) * tf.cast(kernel_step, tf.float32)
+        if self._bias_step_repeat > 1 and scale.shape.rank == 1:
+            scale = tf.repeat(scale, self._bias_step_repeat)
+        bias = tf.convert_to_tensor(self._bias)
+        if scale.shape.rank == 1 and scale.shape[0] != bias.shape[0]:
+            raise QuantizationConfigError(
+                f"layer {self.name!r}: the kernel quantizer has {scale.shape[0]} channel steps for a bias of "
+                f"{bias.shape[0]} output channels; with input_holder the kernel must be quantized per output channel "
+                "or per tensor"
+            )
+        return integer_bias(bias, tf.stop_gradient(scale))
 
     def call(self, inputs: Any, *args: Any, training: bool | None = None, **kwargs: Any) -> Any:
         training = bool(training)
@@ -226,6 +304,9 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
             substitutes = [
                 (w.variable, w.quantizer(tf.convert_to_tensor(w.variable), training)) for w in self._quantized_weights
             ]
+            bias = self.integer_bias() if self._bias is not None else None
+            if bias is not None:
+                substitutes.append((self._bias, bias))
         outputs, losses = call_with_weights(self.layer, substitutes, (inputs, *args), kwargs)
         if losses:
             self.add_loss(losses)
@@ -243,6 +324,7 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
         config["weights_quantizers"] = {
             name: keras.saving.serialize_keras_object(q) for name, q in self.weights_quantizers.items()
         }
+        config["input_holder"] = self.input_holder
         return config
 
     @classmethod

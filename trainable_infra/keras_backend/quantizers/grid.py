@@ -37,6 +37,7 @@ from trainable_infra.keras_backend.fake_quant import (
     effective_range,
     effective_threshold,
     fake_quant,
+    op_step,
     symmetric_range,
     uniform_range,
 )
@@ -99,6 +100,12 @@ class SymmetricGrid(_Grid):
         low, high = symmetric_range(t, p.n_bits, p.signed)
         return fake_quant(inputs, low, high, p.n_bits, self.axis)
 
+    def grid_step(self) -> tf.Tensor:
+        """The grid step Δ the fused op uses now: a float32 scalar, or a C-length vector per channel."""
+        p = self.params
+        t = effective_threshold(tf.convert_to_tensor(self.threshold), p.min_threshold, p.power_of_two)
+        return op_step(*symmetric_range(t, p.n_bits, p.signed), p.n_bits)
+
     def current_threshold(self) -> list[float]:
         """The threshold the grid uses now (clamped, power-of-two rounded), as the inferable quantizer takes it."""
         p = self.params
@@ -142,6 +149,10 @@ class UniformGrid(_Grid):
         """Fake-quantize `inputs` on the grid of the current range (TensorFlow's gradient: clipped identity)."""
         low, high = uniform_range(*self._effective_range(), self.params.n_bits)
         return fake_quant(inputs, low, high, self.params.n_bits, self.axis)
+
+    def grid_step(self) -> tf.Tensor:
+        """The grid step Δ the fused op uses now: a float32 scalar, or a C-length vector per channel."""
+        return op_step(*uniform_range(*self._effective_range(), self.params.n_bits), self.params.n_bits)
 
     def current_range(self) -> tuple[list[float], list[float]]:
         """The range the grid is built from now (a collapsed one held at min_threshold wide), as lists with
