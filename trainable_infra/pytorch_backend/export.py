@@ -30,7 +30,7 @@ from trainable_infra.common.export import (
     check_require_identical,
 )
 from trainable_infra.pytorch_backend.calibrate import check_model
-from trainable_infra.pytorch_backend.qcdq import QCDQ_MIN_OPSET, use_qcdq_quantizers
+from trainable_infra.pytorch_backend.qcdq import QCDQ_MIN_OPSET, requantize_after_reshapes, use_qcdq_quantizers
 
 ONNX_FORMATS = ("qcdq", "custom_ops")
 # The TorchScript exporter is the one that honours the quantizers' `symbolic` methods (the export-based one
@@ -166,6 +166,7 @@ def export_onnx(
     with torch.no_grad():
         expected = _outputs(work(*inputs))
     if format == "qcdq":
+        requantize_after_reshapes(work)
         use_qcdq_quantizers(work)
     else:
         for quantizer in _inferable_quantizers(work):

@@ -116,15 +116,9 @@ class IntegerQuantizationWrapper(PytorchQuantizationWrapper):
         self.acc_dtype = acc_dtype
         # Export traces the float form (dequantize -> Conv / Gemm), which the runtime turns into its integer kernel.
         self.integer_arithmetic = True
-        self.input_export = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The layer on its quantized input, accumulated exactly in eval mode."""
-        if not self.integer_arithmetic and self.input_export is not None and len(args) == 1 and not kwargs:
-            # Export: the input passes its quantizer again (a no-op on values already on its grid), so that the
-            # layer's input in the file is a DequantizeLinear even where a reshape or a max pool stands between
-            # the holder and the layer: onnxruntime forms its integer kernel only then.
-            return super().forward(self.input_export(args[0]))
         if self.training or not self.integer_arithmetic or len(args) != 1 or kwargs or args[0].dtype != torch.float32:
             return super().forward(*args, **kwargs)
         ((_, weight, quantizer),) = self.get_weights_vars()

@@ -26,10 +26,11 @@ from mct_quantizers.pytorch.quantizers import (
     WeightsSymmetricInferableQuantizer,
     WeightsUniformInferableQuantizer,
 )
-from torch import nn
+from torch import fx, nn
 
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.pytorch_backend.integer import IntegerQuantizationWrapper
+from trainable_infra.pytorch_backend.quantize import _grid_source
 
 QCDQ_MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 
@@ -196,6 +197,32 @@ class QCDQQuantizer:
         return _QuantizeClipDequantize.apply(inputs, self.quantizer, self.grid)
 
 
+def requantize_after_reshapes(model: nn.Module) -> None:
+    """In a copy made for export: after each max pool or reshape of a holder's output, pass the result through that
+    holder again (a no-op on values already on its grid).
+
+    onnxruntime runs DequantizeLinear -> MaxPool / Reshape -> QuantizeLinear with one grid on the integers, and
+    forms its integer kernels (QLinearConv, QGemm, QLinearAdd, QLinearConcat) only where each input is a
+    DequantizeLinear: it does not move one across such an operation by itself.
+    """
+    if not isinstance(model, fx.GraphModule):
+        return
+    modules = dict(model.named_modules())
+    changed = False
+    for node in list(model.graph.nodes):
+        source = node.args[0] if node.args else None
+        if _grid_source(node, modules) is node or not isinstance(source, fx.Node) or source.op != "call_module":
+            continue
+        if not isinstance(modules.get(source.target), PytorchActivationQuantizationHolder):
+            continue
+        with model.graph.inserting_after(node):
+            again = model.graph.call_module(source.target, (node,))
+        node.replace_all_uses_with(again, delete_user_cb=lambda user, again=again: user is not again)
+        changed = True
+    if changed:
+        model.recompile()
+
+
 def use_qcdq_quantizers(model: nn.Module) -> None:
     """Replace, in place, every quantizer of `model`'s mct-quantizers wrappers and holders by a `QCDQQuantizer`.
 
@@ -230,6 +257,5 @@ def use_qcdq_quantizers(model: nn.Module) -> None:
             weights_vars.append(("bias", bias, quantizers["bias"]))
         if isinstance(module, IntegerQuantizationWrapper):
             module.integer_arithmetic = False
-            module.input_export = QCDQQuantizer(module.input_quantizer, "the input quantizer of an integer layer")
     for module, quantizer in holders:
         module.activation_holder_quantizer = quantizer

@@ -290,8 +290,9 @@ def _quantize_layer_inputs(
     gm: fx.GraphModule, config: QATConfig, holders: dict[str, tuple[LayerSettings, bool]], taken: set[str]
 ) -> None:
     """Give every wrapped layer a quantized input and tell it which holder quantizes it (integer bias, exact
-    accumulator): a layer whose input is not a holder's output (through reshapes and max pools), e.g. after an
-    average pooling, gets a holder of its own, named after the layer."""
+    accumulator): where a layer's input is not a holder's output (through reshapes and max pools), e.g. after an
+    average pooling, a holder named after the layer goes right after the operation that left the grid (so that
+    an integer runtime can run that operation on integers too, e.g. onnxruntime's QLinearGlobalAveragePool)."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         wrapper = modules.get(node.target) if node.op == "call_module" else None
@@ -299,7 +300,7 @@ def _quantize_layer_inputs(
             continue
         source = _grid_source(node.args[0], modules)
         holder = modules.get(source.target) if isinstance(source, fx.Node) and source.op == "call_module" else None
-        if not isinstance(holder, PytorchTrainableActivationQuantizationHolder):
+        if not isinstance(holder, PytorchTrainableActivationQuantizationHolder) and isinstance(source, fx.Node):
             settings = config.for_layer(node.target)
             origin = _grid_source(node.args[0], modules, through_averages=True)
             signed = not (
@@ -311,11 +312,12 @@ def _quantize_layer_inputs(
                 holder = make_holder(settings, config, default_activation_params(
                     settings.activation_quantization_method, signed))
             gm.add_submodule(name, holder)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(name, (node.args[0],))
-            node.replace_input_with(node.args[0], new)
+            with gm.graph.inserting_after(source):
+                new = gm.graph.call_module(name, (source,))
+            source.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
             holders[name] = (settings, signed)
-        wrapper.set_input_holder(holder)
+        if isinstance(holder, PytorchTrainableActivationQuantizationHolder):
+            wrapper.set_input_holder(holder)
 
 
 def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[LayerSettings, bool]]:
