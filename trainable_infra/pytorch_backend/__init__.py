@@ -13,6 +13,7 @@ from trainable_infra.pytorch_backend.base_quantizer import (
 from trainable_infra.pytorch_backend.calibrate import calibrate
 from trainable_infra.pytorch_backend.convert import convert_to_inferable
 from trainable_infra.pytorch_backend.export import export_onnx
+from trainable_infra.pytorch_backend.integer import IntegerQuantizationWrapper
 from trainable_infra.pytorch_backend.quantize import quantize_model
 from trainable_infra.pytorch_backend.quantizers import (
     LSQSymmetricActivationQuantizer,
@@ -40,6 +41,7 @@ __all__ = [
     "BasePytorchActivationTrainableQuantizer",
     "BasePytorchTrainableQuantizer",
     "BasePytorchWeightTrainableQuantizer",
+    "IntegerQuantizationWrapper",
     "LSQSymmetricActivationQuantizer",
     "LSQSymmetricWeightQuantizer",
     "LSQUniformActivationQuantizer",
