@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     config = QATConfig(
         weight_training_method=method, activation_training_method=method,
         weight_n_bits=args.weight_bits, activation_n_bits=args.activation_bits,
+        fold_batch_norm=getattr(args, "fold_batch_norm", True),
     )
     representative = [(x_train[i:i + 256], y_train[i:i + 256]) for i in range(0, len(x_train), 256)]
     qat_model = quantize_model(float_model, config, representative, progress=progress)
