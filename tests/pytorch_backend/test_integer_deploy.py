@@ -28,7 +28,7 @@ from trainable_infra.pytorch_backend import (
     quantize_model,
 )
 from trainable_infra.pytorch_backend.demo import float_cnn
-from trainable_infra.pytorch_backend.integer import IntegerQuantizationWrapper
+from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerQuantizationWrapper
 
 X, Y = digits(256)
 
@@ -337,3 +337,37 @@ def test_uniform_and_power_of_two_grids_export_exactly(tmp_path):
     # land a step apart (here 3 of 2560 logits, the argmax always the same).
     report = export_onnx(convert_to_inferable(qat), tmp_path / "m.onnx", X, require_identical=0.995)
     assert report.argmax_identical == 1.0
+
+
+class PooledHead(nn.Module):
+    """conv -> relu -> global average pooling (4x4 = 16 positions) -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1), 1))
+
+
+def test_global_average_pooling_rounds_as_the_integer_kernel(tmp_path):
+    torch.manual_seed(0)
+    qat = quantize_model(PooledHead().eval(), QATConfig(activation_n_bits=4), [X[:64]], progress=False).eval()
+    pool = qat.get_submodule("adaptive_avg_pool2d")
+    assert isinstance(pool, IntegerGlobalAveragePool)
+    before, after = qat.get_submodule("conv_activation_quantizer"), qat.get_submodule("fc_input_activation_quantizer")
+    # The pooled values' quantizer gets the input's grid: every sum / 16 that ends in .5 is an exact tie.
+    with torch.no_grad():
+        after.activation_threshold.copy_(before.activation_threshold)
+        x = before(torch.relu(qat.get_submodule("conv")(qat.get_submodule("x_activation_quantizer")(X))))
+        pooled = pool(x)
+    step = float(before.activation_holder_quantizer.grid()[0])
+    sums = np.rint(x.numpy() / step).sum(axis=(2, 3), keepdims=True)
+    assert np.any(sums % 16 == 8), "the data has exact ties"
+    expected = np.clip(np.rint(sums / 16), 0, 15) * np.float32(step)  # np.rint: ties to even
+    np.testing.assert_array_equal(pooled.numpy(), expected.astype(np.float32))
+    with torch.no_grad():
+        assert torch.equal(after(pooled), pooled), "the pooled values lie on the next quantizer's grid"
+    report = export_onnx(convert_to_inferable(qat), tmp_path / "m.onnx", X, require_identical=0.999)
+    assert "QLinearGlobalAveragePool" in optimized_ops(report.path, tmp_path)

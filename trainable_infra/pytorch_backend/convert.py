@@ -12,7 +12,7 @@ from torch import nn
 from trainable_infra.common.errors import QuantizationConfigError, QuantizerDefinitionError
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
 from trainable_infra.pytorch_backend.calibrate import check_model
-from trainable_infra.pytorch_backend.integer import IntegerQuantizationWrapper, integer_bias
+from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerQuantizationWrapper, integer_bias
 from trainable_infra.pytorch_backend.wrappers import (
     PytorchTrainableActivationQuantizationHolder,
     PytorchTrainableQuantizationWrapper,
@@ -57,6 +57,10 @@ def _convert(module: nn.Module, path: str = "") -> nn.Module:
                 layer.bias.copy_((b_int.float() * scale).to(layer.bias.dtype))
         input_quantizer = _inferable(holder.activation_holder_quantizer, f"the input holder of {path!r}")
         return IntegerQuantizationWrapper(layer, inferable, input_quantizer, x_step, w_step, b_int, module._acc_dtype)
+    if isinstance(module, IntegerGlobalAveragePool):
+        if module.grid is None and module._holders is not None:
+            module.freeze()
+        return module
     if isinstance(module, PytorchTrainableActivationQuantizationHolder):
         return PytorchActivationQuantizationHolder(
             _inferable(module.activation_holder_quantizer, f"the activation holder {path!r}")

@@ -124,3 +124,67 @@ class IntegerQuantizationWrapper(PytorchQuantizationWrapper):
         ((_, weight, quantizer),) = self.get_weights_vars()
         return integer_forward(self.layer, args[0], self.input_step, quantizer(weight), self.weight_step,
                                self.integer_bias, self.bias_scale, self.acc_dtype)
+
+
+_ADAPTIVE_AVERAGE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def is_global_average_pool(pool: Any) -> bool:
+    """Whether `pool` is an adaptive average pooling module to one position per channel (global pooling)."""
+    if not isinstance(pool, _ADAPTIVE_AVERAGE_POOLS):
+        return False
+    size = pool.output_size
+    return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+
+
+class IntegerGlobalAveragePool(nn.Module):
+    """Global average pooling followed by an activation quantizer, computed in eval mode as onnxruntime's
+    QLinearGlobalAveragePool does: the integers of the input summed exactly over the positions, then one
+    rounding, q_y = round(Σ x_int · Δ_x / (Δ_y · K)) + z_y. The output lies on the following quantizer's grid,
+    which then leaves it unchanged.
+
+    A float mean rounds each partial sum; where the pooled value is a rounding tie of the next quantizer (K a power
+    of two, Δ_y a power-of-two multiple of Δ_x), the float sum decides by the sign of its rounding error.
+
+    Args:
+        pool: the AdaptiveAvgPool1d/2d/3d(1) module; training and non-float32 inputs run it as it is.
+    """
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.pool = pool
+        self.__dict__["_holders"] = None
+        self.register_buffer("grid", None)  # frozen (Δ_x, Δ_y, z_y, q_min, q_max) of a converted model
+        self.integer_arithmetic = True
+
+    def link(self, input_holder: nn.Module, output_holder: nn.Module) -> None:
+        """Take the grids from the trainable holders before and after the pooling, as they are at each call."""
+        self.__dict__["_holders"] = (input_holder, output_holder)
+
+    def freeze(self) -> None:
+        """Keep the grids as they are now (for the converted model) and forget the holders."""
+        self.grid = torch.stack([t.detach().float().reshape(()) for t in self._grids()])
+        self.__dict__["_holders"] = None
+
+    def _grids(self) -> tuple[torch.Tensor, ...]:
+        if self.grid is not None:
+            return tuple(self.grid)
+        input_holder, output_holder = self._holders
+        x_step = input_holder.activation_holder_quantizer.grid()[0]
+        quantizer = output_holder.activation_holder_quantizer
+        y_step, y_zero = quantizer.grid()
+        return (x_step.reshape(()), y_step.reshape(()), y_zero.float().reshape(()),
+                torch.tensor(float(quantizer.q_min)), torch.tensor(float(quantizer.q_max)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooling; in eval mode on its output grid, as the integer kernel computes it."""
+        linked = self.grid is not None or self._holders is not None
+        if self.training or not self.integer_arithmetic or not linked or x.dtype != torch.float32:
+            return self.pool(x)
+        x_step, y_step, y_zero, q_min, q_max = self._grids()
+        dims = tuple(range(2, x.dim()))
+        total = torch.round(x / x_step).double().sum(dim=dims, keepdim=True).float()
+        positions = math.prod(x.shape[2:])
+        scale = x_step / (y_step * positions)
+        q = torch.clamp(torch.round(total * scale) + y_zero, q_min, q_max)
+        return (q - y_zero) * y_step

@@ -41,6 +41,7 @@ from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
 from trainable_infra.pytorch_backend.calibrate import calibrate, check_data, check_model
+from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, is_global_average_pool
 from trainable_infra.pytorch_backend.training import save_switches_in_state_dict
 from trainable_infra.pytorch_backend.wrappers import (
     PytorchTrainableActivationQuantizationHolder,
@@ -81,6 +82,10 @@ _VALUE_PRESERVING_FUNCTIONS = {
 _AVERAGING_MODULES = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
 )
+_AVERAGING_FUNCTIONS = {
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    torch.mean,
+}
 # Functional ops whose outputs are quantized (they are where residual branches and concatenations meet).
 _MERGE_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat}
 _MERGE_METHODS = {"add", "add_"}
@@ -278,9 +283,11 @@ def _grid_source(node: Any, modules: dict[str, nn.Module], through_averages: boo
             if not isinstance(modules.get(node.target), kinds):
                 break
         elif node.op == "call_method":
-            if node.target not in _VALUE_PRESERVING_METHODS:
+            if node.target not in _VALUE_PRESERVING_METHODS | ({"mean"} if through_averages else set()):
                 break
-        elif node.op != "call_function" or node.target not in _VALUE_PRESERVING_FUNCTIONS:
+        elif node.op != "call_function" or node.target not in (
+            _VALUE_PRESERVING_FUNCTIONS | (_AVERAGING_FUNCTIONS if through_averages else set())
+        ):
             break
         node = node.args[0]
     return node
@@ -318,6 +325,43 @@ def _quantize_layer_inputs(
             holders[name] = (settings, signed)
         if isinstance(holder, PytorchTrainableActivationQuantizationHolder):
             wrapper.set_input_holder(holder)
+
+
+def _integer_average_pools(gm: fx.GraphModule) -> None:
+    """Make each global average pooling between two holders compute as the integer kernel does in eval mode
+    (`IntegerGlobalAveragePool`); modules keep their names, `F.adaptive_avg_pool*d(x, 1)` calls become modules."""
+    modules = dict(gm.named_modules())
+    functions = {F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+                 F.adaptive_avg_pool3d: nn.AdaptiveAvgPool3d}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and is_global_average_pool(modules.get(node.target)):
+            pool = modules[node.target]
+        elif node.op == "call_function" and node.target in functions and len(node.args) == 2 and not node.kwargs:
+            pool = functions[node.target](node.args[1])
+            if not is_global_average_pool(pool):
+                continue
+        else:
+            continue
+        if len(node.users) != 1 or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        (user,) = node.users
+        source = _grid_source(node.args[0], modules)
+        holders = [modules.get(n.target) if isinstance(n, fx.Node) and n.op == "call_module" else None
+                   for n in (source, user)]
+        if not all(isinstance(h, PytorchTrainableActivationQuantizationHolder) for h in holders):
+            continue
+        integer_pool = IntegerGlobalAveragePool(pool)
+        integer_pool.link(*holders)
+        if node.op == "call_module":
+            _set_submodule(gm, node.target, integer_pool)
+        else:
+            name = holder_name(node.name, set(modules)).removesuffix("_activation_quantizer")
+            gm.add_submodule(name, integer_pool)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, (node.args[0],))
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+        modules = dict(gm.named_modules())
 
 
 def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[LayerSettings, bool]]:
@@ -367,6 +411,7 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
         holders[name] = (settings, signed)
     if config.integer_bias:
         _quantize_layer_inputs(gm, config, holders, taken)
+        _integer_average_pools(gm)
     return holders
 
 
