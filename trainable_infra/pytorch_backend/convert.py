@@ -12,7 +12,12 @@ from torch import nn
 from trainable_infra.common.errors import QuantizationConfigError, QuantizerDefinitionError
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
 from trainable_infra.pytorch_backend.calibrate import check_model
-from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerQuantizationWrapper, integer_bias
+from trainable_infra.pytorch_backend.integer import (
+    IntegerGlobalAveragePool,
+    IntegerQuantizationWrapper,
+    holder_grid,
+    integer_bias,
+)
 from trainable_infra.pytorch_backend.wrappers import (
     PytorchTrainableActivationQuantizationHolder,
     PytorchTrainableQuantizationWrapper,
@@ -56,7 +61,11 @@ def _convert(module: nn.Module, path: str = "") -> nn.Module:
             with torch.no_grad():
                 layer.bias.copy_((b_int.float() * scale).to(layer.bias.dtype))
         input_quantizer = _inferable(holder.activation_holder_quantizer, f"the input holder of {path!r}")
-        return IntegerQuantizationWrapper(layer, inferable, input_quantizer, x_step, w_step, b_int, module._acc_dtype)
+        converted = IntegerQuantizationWrapper(layer, inferable, input_quantizer, x_step, w_step, b_int,
+                                               module._acc_dtype)
+        if module.output_holder is not None:
+            converted.output_grid = torch.stack(holder_grid(module.output_holder))
+        return converted
     if isinstance(module, IntegerGlobalAveragePool):
         if module.grid is None and module._holders is not None:
             module.freeze()

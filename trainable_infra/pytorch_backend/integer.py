@@ -56,11 +56,15 @@ def integer_forward(
     b_int: torch.Tensor | None,
     scale: torch.Tensor,
     acc_dtype: torch.dtype,
+    output_grid: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """`module` (a Conv1d/2d/3d or Linear) on `x` as the integer kernel computes it: float32(acc + b_int)·s.
 
     `x` and `w_quantized` lie on their grids (steps `x_step`, per-tensor, and `w_step`, per output channel or
-    one value); their integers relative to the zero point are round(x / Δ).
+    one value); their integers relative to the zero point are round(x / Δ). With `output_grid` = (Δ_y, z_y,
+    q_min, q_max), the grid of the quantizer the output goes to, the result is requantized onto it as
+    onnxruntime's QLinearConv / QGemm do (MLAS's requantization): q = clip(round(float32(acc)·M) + z_y), M the
+    float32 (Δ_in·Δ_w)/Δ_y, ties to even; then (q - z_y)·Δ_y, which that quantizer leaves unchanged.
     """
     x_int = torch.round(x / x_step).to(acc_dtype)
     w_int = torch.round(w_quantized / w_step.reshape((-1,) + (1,) * (w_quantized.dim() - 1))).to(acc_dtype)
@@ -73,13 +77,27 @@ def integer_forward(
     if b_int is not None:
         # The sum is exact in float64 (|acc + b| < 2^53) and rounded to float32 once, as float(int32) is.
         acc = acc.double() + b_int.reshape(channel_view)
-    return acc.float() * scale.reshape(channel_view)
+    if output_grid is None:
+        return acc.float() * scale.reshape(channel_view)
+    y_step, y_zero, q_min, q_max = output_grid
+    multiplier = (scale / y_step).reshape(channel_view)
+    q = torch.clamp(torch.round(acc.float() * multiplier) + y_zero, q_min, q_max)
+    return (q - y_zero) * y_step
 
 
 def is_integer_layer(module: nn.Module) -> bool:
     """Whether `module` is a layer `integer_forward` computes: a stock Conv1d/2d/3d or Linear."""
     forward = type(module).forward
     return forward in (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+def holder_grid(holder: nn.Module) -> tuple[torch.Tensor, ...]:
+    """(Δ, z, q_min, q_max) of a trainable activation holder's grid, as float32 scalars."""
+    quantizer = holder.activation_holder_quantizer
+    step, zero = quantizer.grid()
+    return (step.detach().float().reshape(()), zero.float().reshape(()),
+            torch.tensor(float(quantizer.q_min), device=step.device),
+            torch.tensor(float(quantizer.q_max), device=step.device))
 
 
 class IntegerQuantizationWrapper(PytorchQuantizationWrapper):
@@ -114,6 +132,8 @@ class IntegerQuantizationWrapper(PytorchQuantizationWrapper):
         self.register_buffer("bias_scale", self.input_step * self.weight_step)
         self.register_buffer("integer_bias", None if integer_bias is None else integer_bias.detach().double().clone())
         self.acc_dtype = acc_dtype
+        # (Δ_y, z_y, q_min, q_max) of the quantizer right after the layer, when its requantization is the kernel's.
+        self.register_buffer("output_grid", None)
         # Export traces the float form (dequantize -> Conv / Gemm), which the runtime turns into its integer kernel.
         self.integer_arithmetic = True
 
@@ -122,8 +142,9 @@ class IntegerQuantizationWrapper(PytorchQuantizationWrapper):
         if self.training or not self.integer_arithmetic or len(args) != 1 or kwargs or args[0].dtype != torch.float32:
             return super().forward(*args, **kwargs)
         ((_, weight, quantizer),) = self.get_weights_vars()
+        output_grid = None if self.output_grid is None else tuple(self.output_grid)
         return integer_forward(self.layer, args[0], self.input_step, quantizer(weight), self.weight_step,
-                               self.integer_bias, self.bias_scale, self.acc_dtype)
+                               self.integer_bias, self.bias_scale, self.acc_dtype, output_grid)
 
 
 _ADAPTIVE_AVERAGE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)

@@ -293,6 +293,36 @@ def _grid_source(node: Any, modules: dict[str, nn.Module], through_averages: boo
     return node
 
 
+def _output_holder(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The holder whose requantization an integer kernel carries out for the layer at `node`: its only user, or
+    the only user of a ReLU that is the layer's only user when the holder's grid starts at 0 (onnxruntime then
+    drops the ReLU and clips in the kernel)."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    through_relu = _is_relu(user, modules)
+    if through_relu:
+        if len(user.users) != 1:
+            return None
+        (user,) = user.users
+    holder = modules.get(user.target) if user.op == "call_module" else None
+    if not isinstance(holder, PytorchTrainableActivationQuantizationHolder):
+        return None
+    if through_relu:
+        quantizer = holder.activation_holder_quantizer
+        if not hasattr(quantizer, "grid") or quantizer.q_min != 0 or bool(quantizer.grid()[1].ne(0).any()):
+            return None
+    return holder
+
+
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
 def _quantize_layer_inputs(
     gm: fx.GraphModule, config: QATConfig, holders: dict[str, tuple[LayerSettings, bool]], taken: set[str]
 ) -> None:
@@ -325,6 +355,7 @@ def _quantize_layer_inputs(
             holders[name] = (settings, signed)
         if isinstance(holder, PytorchTrainableActivationQuantizationHolder):
             wrapper.set_input_holder(holder)
+            wrapper.set_output_holder(_output_holder(node, modules))
 
 
 def _integer_average_pools(gm: fx.GraphModule) -> None:

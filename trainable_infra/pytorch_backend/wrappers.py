@@ -16,6 +16,7 @@ from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
 from trainable_infra.pytorch_backend.integer import (
     accumulator_dtype,
+    holder_grid,
     integer_bias,
     integer_forward,
     is_integer_layer,
@@ -115,8 +116,9 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         for name, quantizer in self.weights_quantizers.items():
             quantizer.initialize_quantization(tuple(getattr(module, name).shape), name, self)
         self._call = _call_kind(module, list(self.weights_quantizers))
-        # A plain attribute, not a submodule: the holder belongs to the model, which registers it.
+        # Plain attributes, not submodules: the holders belong to the model, which registers them.
         self.__dict__["_input_holder"] = None
+        self.__dict__["_output_holder"] = None
 
     @property
     def input_holder(self) -> PytorchTrainableActivationQuantizationHolder | None:
@@ -149,6 +151,25 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
                 _abs_int_max(self.weights_quantizers["weight"]),
             )
 
+    @property
+    def output_holder(self) -> PytorchTrainableActivationQuantizationHolder | None:
+        """The holder right after this layer whose requantization the eval computation carries out, if any."""
+        return self.__dict__["_output_holder"]
+
+    def set_output_holder(self, holder: PytorchTrainableActivationQuantizationHolder | None) -> None:
+        """In eval mode, requantize onto `holder`'s grid as the integer kernel does (None: return float32(acc)·s).
+
+        Meant for a holder that takes this layer's output directly, or after a ReLU when its grid starts at 0:
+        the output then lies on its grid and the holder (and the ReLU) leave it unchanged.
+        """
+        if holder is not None and not isinstance(holder, PytorchTrainableActivationQuantizationHolder):
+            raise QuantizationConfigError(
+                f"holder must be a PytorchTrainableActivationQuantizationHolder or None, got {holder!r}"
+            )
+        usable = holder is not None and self.input_holder is not None and hasattr(holder.activation_holder_quantizer,
+                                                                                  "grid")
+        self.__dict__["_output_holder"] = holder if usable else None
+
     def _integer_grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Δ_in, Δ_w, s = Δ_in·Δ_w): the input's step, the weight's steps and the bias grid, in float32."""
         x_step = self.input_holder.activation_holder_quantizer.grid()[0]
@@ -169,8 +190,9 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
             x_step, w_step, scale = self._integer_grid()
             if not self.training and args[0].dtype == torch.float32:
                 b_int = None if module.bias is None else integer_bias(module.bias, scale)
+                output = self.output_holder
                 return integer_forward(module, args[0], x_step, quantized["weight"], w_step, b_int, scale,
-                                       self._acc_dtype)
+                                       self._acc_dtype, None if output is None else holder_grid(output))
             bias = None if module.bias is None else quantize_bias(module.bias, scale)
             if self._call == _CALL_LINEAR:
                 return F.linear(args[0], quantized["weight"], bias)
