@@ -28,7 +28,7 @@ from trainable_infra.pytorch_backend import (
     quantize_model,
 )
 from trainable_infra.pytorch_backend.demo import float_cnn
-from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerQuantizationWrapper
+from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerMerge, IntegerQuantizationWrapper
 
 X, Y = digits(256)
 
@@ -186,7 +186,22 @@ def test_training_forward_uses_the_int32_bias_with_a_straight_through_gradient(m
 
 
 def integer_reference(wrapper, x: torch.Tensor) -> np.ndarray:
-    """The layer as an integer kernel computes it, in int64: float32(Σ x_int·w_int + b_int)·s."""
+    """The layer as an integer kernel computes it, in int64: float32(Σ x_int·w_int + b_int)·s, or, for a layer
+    whose output holder the kernel's requantization replaces, (clip(round(float32(acc)·(s/Δ_y)) + z_y) - z_y)·Δ_y
+    with ties to even (onnxruntime's QLinearConv / QGemm)."""
+    acc, scale = integer_accumulator(wrapper, x)
+    view = (1, -1) + (1,) * (acc.ndim - 2)
+    if wrapper.output_holder is None:
+        return acc.astype(np.float32) * scale.reshape(view)
+    quantizer = wrapper.output_holder.activation_holder_quantizer
+    y_step, y_zero = (t.numpy().astype(np.float32) for t in quantizer.grid())
+    multiplier = (scale / y_step).astype(np.float32).reshape(view)
+    q = np.clip(np.rint(acc.astype(np.float32) * multiplier) + y_zero, quantizer.q_min, quantizer.q_max)
+    return ((q - y_zero) * y_step).astype(np.float32)
+
+
+def integer_accumulator(wrapper, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ x_int·w_int + b_int in int64, s = Δ_in·Δ_w) of an integer layer on its input `x`."""
     x_step, w_step = grids(wrapper)
     scale = bias_scale(x_step, w_step)
     x_int = np.rint(x.numpy() / x_step).astype(np.int64)
@@ -195,8 +210,7 @@ def integer_reference(wrapper, x: torch.Tensor) -> np.ndarray:
     b_int = np.rint(wrapper.module.bias.detach().numpy() / scale).astype(np.int64)
     module = wrapper.module
     if isinstance(module, nn.Linear):
-        acc = x_int @ w_int.T + b_int
-        return acc.astype(np.float32) * scale
+        return x_int @ w_int.T + b_int, scale
     # Convolution as a sum over the window of shifted int64 products (exact, any order).
     padded = np.pad(x_int, ((0, 0), (0, 0), *[(p, p) for p in module.padding]))
     (sh, sw), (kh, kw) = module.stride, module.kernel_size
@@ -208,7 +222,7 @@ def integer_reference(wrapper, x: torch.Tensor) -> np.ndarray:
             window = padded[:, :, i:i + sh * out_h:sh, j:j + sw * out_w:sw]
             acc += np.einsum("nchw,oc->nohw", window, w_int[:, :, i, j])
     acc += b_int[None, :, None, None]
-    return acc.astype(np.float32) * scale[None, :, None, None]
+    return acc, scale
 
 
 @pytest.mark.parametrize(("w_bits", "a_bits"), [(8, 8), (4, 8), (2, 4)])
@@ -371,3 +385,35 @@ def test_global_average_pooling_rounds_as_the_integer_kernel(tmp_path):
         assert torch.equal(after(pooled), pooled), "the pooled values lie on the next quantizer's grid"
     report = export_onnx(convert_to_inferable(qat), tmp_path / "m.onnx", X, require_identical=0.999)
     assert "QLinearGlobalAveragePool" in optimized_ops(report.path, tmp_path)
+
+
+def test_calibration_sees_float_activations():
+    """Calibration runs the holders as identities: the integer layers must not round what reaches them."""
+    torch.manual_seed(0)
+    model = with_statistics(TinyResNet())
+    thresholds = {}
+    for integer in (True, False):
+        qat = quantize_model(model, QATConfig(integer_bias=integer), [X[:128]], progress=False)
+        thresholds[integer] = {name: float(h.activation_threshold) for name, h in
+                               modules_of(qat, PytorchTrainableActivationQuantizationHolder).items()}
+    shared = thresholds[True].keys() & thresholds[False].keys()
+    assert len(shared) >= 8
+    # Equal up to the effect of the int32 biases on the float activations.
+    for name in shared:
+        assert thresholds[True][name] == pytest.approx(thresholds[False][name], rel=0.02), name
+
+
+def test_merges_and_pools_compute_as_the_integer_kernels():
+    torch.manual_seed(0)
+    qat = quantize_model(with_statistics(TinyResNet()), QATConfig(), [X[:64]], progress=False)
+    merges = modules_of(qat, IntegerMerge)
+    assert sorted(m.kind for m in merges.values()) == ["add", "add"]
+    assert len(modules_of(qat, IntegerGlobalAveragePool)) == 1
+    converted = convert_to_inferable(qat)
+    assert all(m.grids is not None for m in modules_of(converted, IntegerMerge).values())
+    with torch.no_grad():
+        assert torch.equal(converted(X), qat.eval()(X))
+        qat.train()
+        qat(X[:8])  # the float operations in training
+    mobile = quantize_model(with_statistics(TinyMobileNet()), QATConfig(), [X[:64]], progress=False)
+    assert sorted(m.kind for m in modules_of(mobile, IntegerMerge).values()) == ["add", "cat"]

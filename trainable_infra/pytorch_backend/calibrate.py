@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from trainable_infra.common.calibration import ActivationObserver
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.model_plan import check_calibrate_arguments
+from trainable_infra.pytorch_backend.integer import float_arithmetic
 from trainable_infra.pytorch_backend.wrappers import PytorchTrainableActivationQuantizationHolder
 
 
@@ -80,7 +81,9 @@ def observe_holders(
             inputs = tuple(t.to(device) for t in model_inputs(batch))
             batches += 1
             try:
-                model(*inputs)
+                # The holders pass values through unquantized: the integer layers must not assume them on a grid.
+                with float_arithmetic(model):
+                    model(*inputs)
             except (RuntimeError, TypeError, ValueError) as exc:
                 shapes = [tuple(t.shape) for t in inputs]
                 raise QuantizationConfigError(

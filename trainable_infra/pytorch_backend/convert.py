@@ -14,6 +14,7 @@ from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQ
 from trainable_infra.pytorch_backend.calibrate import check_model
 from trainable_infra.pytorch_backend.integer import (
     IntegerGlobalAveragePool,
+    IntegerMerge,
     IntegerQuantizationWrapper,
     holder_grid,
     integer_bias,
@@ -68,6 +69,10 @@ def _convert(module: nn.Module, path: str = "") -> nn.Module:
         return converted
     if isinstance(module, IntegerGlobalAveragePool):
         if module.grid is None and module._holders is not None:
+            module.freeze()
+        return module
+    if isinstance(module, IntegerMerge):
+        if module.grids is None and module._holders is not None:
             module.freeze()
         return module
     if isinstance(module, PytorchTrainableActivationQuantizationHolder):

@@ -10,7 +10,9 @@ while no sum can reach 2^24, else in float64) and then float32(acc)·s, as the i
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -209,3 +211,102 @@ class IntegerGlobalAveragePool(nn.Module):
         scale = x_step / (y_step * positions)
         q = torch.clamp(torch.round(total * scale) + y_zero, q_min, q_max)
         return (q - y_zero) * y_step
+
+
+def _storage_offset(q_min: torch.Tensor) -> float:
+    """The zero-point shift of a grid's uint8 storage in the exported file: 128 for a signed grid (see qcdq)."""
+    return 128.0 if float(q_min) < 0 else 0.0
+
+
+def _fma(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """x·y + z in float32 with one rounding (the product of two float32 values is exact in float64)."""
+    return (x.double() * y.double() + z.double()).float()
+
+
+class IntegerMerge(nn.Module):
+    """An addition or concatenation of quantized tensors followed by an activation quantizer, computed in eval
+    mode as onnxruntime's QLinearAdd / QLinearConcat kernels do on x86; the output lies on the following
+    quantizer's grid, which then leaves it unchanged.
+
+    - Addition (MLAS's float path): with a, b the stored integers (uint8), r_a = Δ_a/Δ_c and r_b = Δ_b/Δ_c in
+      float32, K = z_c - (r_a·z_a + r_b·z_b) and c = round(a·r_a + (b·r_b + K)), each a·r + t a fused multiply-add.
+    - Concatenation: each input requantized by division, round(x / Δ_c) + z_c (QuantizeLinear), not by the
+      reciprocal as torch's fake-quant does; an input on the output's grid is copied.
+
+    Inputs of other shapes (broadcasting), training and non-float32 inputs take the float operation.
+
+    Args:
+        kind: "add" or "cat".
+        dim: the concatenation axis.
+    """
+
+    def __init__(self, kind: str, dim: int = 0):
+        super().__init__()
+        self.kind, self.dim = kind, dim
+        self.__dict__["_holders"] = None
+        self.register_buffer("grids", None)  # frozen (inputs + 1) x (Δ, z, q_min, q_max) of a converted model
+        self.integer_arithmetic = True
+
+    def link(self, input_holders: list[nn.Module], output_holder: nn.Module) -> None:
+        """Take the grids from the trainable holders of the inputs and of the output, as they are at each call."""
+        self.__dict__["_holders"] = (list(input_holders), output_holder)
+
+    def freeze(self) -> None:
+        """Keep the grids as they are now (for the converted model) and forget the holders."""
+        self.grids = torch.stack([torch.stack(grid) for grid in self._grids()])
+        self.__dict__["_holders"] = None
+
+    def _grids(self) -> list[tuple[torch.Tensor, ...]]:
+        if self.grids is not None:
+            return [tuple(row) for row in self.grids]
+        inputs, output = self._holders
+        return [holder_grid(h) for h in (*inputs, output)]
+
+    def extra_repr(self) -> str:
+        return self.kind if self.kind == "add" else f"cat, dim={self.dim}"
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The float operation; in eval mode on the output's grid, as the integer kernel computes it."""
+        linked = self.grids is not None or self._holders is not None
+        exact = (
+            not self.training and self.integer_arithmetic and linked
+            and all(x.dtype == torch.float32 for x in inputs)
+            and (self.kind == "cat" or inputs[0].shape == inputs[1].shape)
+        )
+        if not exact:
+            return inputs[0] + inputs[1] if self.kind == "add" else torch.cat(inputs, self.dim)
+        *input_grids, (c_step, c_zero, c_min, c_max) = self._grids()
+        c_offset = _storage_offset(c_min)
+        c_store = c_zero + c_offset
+        if self.kind == "add":
+            (a_step, a_zero, a_min, _), (b_step, b_zero, b_min, _) = input_grids
+            a_store, b_store = a_zero + _storage_offset(a_min), b_zero + _storage_offset(b_min)
+            a = torch.round(inputs[0] / a_step) + a_store
+            b = torch.round(inputs[1] / b_step) + b_store
+            ratio_a, ratio_b = a_step / c_step, b_step / c_step
+            constant = c_store - _fma(ratio_a, a_store, ratio_b * b_store)
+            stored = torch.round(_fma(a, ratio_a, _fma(b, ratio_b, constant)))
+        else:
+            parts = []
+            for x, (step, zero, q_min, _) in zip(inputs, input_grids, strict=True):
+                if bool(step == c_step) and bool(zero + _storage_offset(q_min) == c_store):
+                    parts.append(torch.round(x / step) + c_store)
+                else:
+                    parts.append(torch.clamp(torch.round(x / c_step) + c_store, 0, 255))
+            stored = torch.cat(parts, self.dim)
+        stored = torch.clamp(stored, c_min + c_offset, c_max + c_offset)
+        return (stored - c_store) * c_step
+
+
+@contextlib.contextmanager
+def float_arithmetic(model: nn.Module) -> Iterator[None]:
+    """Within the block, `model`'s integer layers, poolings and merges compute in float in eval mode too (their
+    output then reaches the next quantizer unquantized, e.g. to measure that quantizer's noise)."""
+    switched = [m for m in model.modules() if getattr(m, "integer_arithmetic", False)]
+    for module in switched:
+        module.integer_arithmetic = False
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.integer_arithmetic = True

@@ -29,7 +29,7 @@ from mct_quantizers.pytorch.quantizers import (
 from torch import fx, nn
 
 from trainable_infra.common.errors import QuantizationConfigError
-from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerQuantizationWrapper
+from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerMerge, IntegerQuantizationWrapper
 from trainable_infra.pytorch_backend.quantize import _grid_source
 
 QCDQ_MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
@@ -260,5 +260,6 @@ def use_qcdq_quantizers(model: nn.Module) -> None:
     for module, quantizer in holders:
         module.activation_holder_quantizer = quantizer
     for module in model.modules():
-        if isinstance(module, IntegerGlobalAveragePool):
-            module.integer_arithmetic = False  # GlobalAveragePool -> QuantizeLinear: QLinearGlobalAveragePool
+        if isinstance(module, (IntegerGlobalAveragePool, IntegerMerge)):
+            # The float operation between DequantizeLinear and QuantizeLinear: onnxruntime's integer kernel.
+            module.integer_arithmetic = False

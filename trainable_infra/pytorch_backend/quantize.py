@@ -41,7 +41,7 @@ from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
 from trainable_infra.pytorch_backend.calibrate import calibrate, check_data, check_model
-from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, is_global_average_pool
+from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerMerge, is_global_average_pool
 from trainable_infra.pytorch_backend.training import save_switches_in_state_dict
 from trainable_infra.pytorch_backend.wrappers import (
     PytorchTrainableActivationQuantizationHolder,
@@ -358,6 +358,45 @@ def _quantize_layer_inputs(
             wrapper.set_output_holder(_output_holder(node, modules))
 
 
+def _integer_merges(gm: fx.GraphModule) -> None:
+    """Make each addition of two holders' outputs and each concatenation of holders' outputs that a holder follows
+    compute as onnxruntime's QLinearAdd / QLinearConcat in eval mode (`IntegerMerge`)."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if not _is_merge(node) or (node.kwargs and set(node.kwargs) - {"dim"}):
+            continue
+        if node.target in (torch.cat, torch.concat):
+            inputs, dim = node.args[0], node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if not isinstance(inputs, (list, tuple)) or not isinstance(dim, int):
+                continue
+            kind = "cat"
+        elif node.target in (operator.add, torch.add, "add") and len(node.args) == 2 and not node.kwargs:
+            inputs, dim, kind = node.args, 0, "add"
+        else:
+            continue  # in-place additions keep their float form
+        input_holders = []
+        for value in inputs:
+            source = _grid_source(value, modules)
+            holder = modules.get(source.target) if isinstance(source, fx.Node) and source.op == "call_module" else None
+            input_holders.append(holder)
+        output_holder = _output_holder(node, modules)
+        holders = [*input_holders, output_holder]
+        if not all(isinstance(h, PytorchTrainableActivationQuantizationHolder) and hasattr(
+                h.activation_holder_quantizer, "grid") for h in holders):
+            continue
+        merge = IntegerMerge(kind, dim)
+        merge.link(input_holders, output_holder)
+        name, index = node.name, 1
+        while name in modules:
+            name, index = f"{node.name}_{index}", index + 1
+        gm.add_submodule(name, merge)
+        modules[name] = merge
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, tuple(inputs))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
 def _integer_average_pools(gm: fx.GraphModule) -> None:
     """Make each global average pooling between two holders compute as the integer kernel does in eval mode
     (`IntegerGlobalAveragePool`); modules keep their names, `F.adaptive_avg_pool*d(x, 1)` calls become modules."""
@@ -443,6 +482,7 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
     if config.integer_bias:
         _quantize_layer_inputs(gm, config, holders, taken)
         _integer_average_pools(gm)
+        _integer_merges(gm)
     return holders
 
 

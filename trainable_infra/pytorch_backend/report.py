@@ -12,6 +12,7 @@ from torch import nn
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.report import format_report, report_row, sqnr_db
 from trainable_infra.pytorch_backend.calibrate import holders_of, model_inputs
+from trainable_infra.pytorch_backend.integer import float_arithmetic
 from trainable_infra.pytorch_backend.training import quantizers_of
 from trainable_infra.pytorch_backend.wrappers import PytorchTrainableQuantizationWrapper
 
@@ -61,10 +62,12 @@ def quantization_report(
         model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         try:
-            for index, batch in enumerate(data):
-                if index >= num_batches:
-                    break
-                model(*(t.to(device) for t in model_inputs(batch)))
+            # Float arithmetic: each holder then sees the unquantized activation whose quantization noise it measures.
+            with float_arithmetic(model):
+                for index, batch in enumerate(data):
+                    if index >= num_batches:
+                        break
+                    model(*(t.to(device) for t in model_inputs(batch)))
         finally:
             for handle in handles:
                 handle.remove()

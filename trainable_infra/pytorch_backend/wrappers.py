@@ -119,6 +119,7 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         # Plain attributes, not submodules: the holders belong to the model, which registers them.
         self.__dict__["_input_holder"] = None
         self.__dict__["_output_holder"] = None
+        self.integer_arithmetic = True  # eval as the integer kernel when linked (see set_input_holder)
 
     @property
     def input_holder(self) -> PytorchTrainableActivationQuantizationHolder | None:
@@ -188,7 +189,7 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         }
         if self.input_holder is not None and len(args) == 1 and not kwargs:
             x_step, w_step, scale = self._integer_grid()
-            if not self.training and args[0].dtype == torch.float32:
+            if not self.training and self.integer_arithmetic and args[0].dtype == torch.float32:
                 b_int = None if module.bias is None else integer_bias(module.bias, scale)
                 output = self.output_holder
                 return integer_forward(module, args[0], x_step, quantized["weight"], w_step, b_int, scale,
