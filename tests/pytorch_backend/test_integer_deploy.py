@@ -417,3 +417,14 @@ def test_merges_and_pools_compute_as_the_integer_kernels():
         qat(X[:8])  # the float operations in training
     mobile = quantize_model(with_statistics(TinyMobileNet()), QATConfig(), [X[:64]], progress=False)
     assert sorted(m.kind for m in modules_of(mobile, IntegerMerge).values()) == ["add", "cat"]
+
+
+@pytest.mark.parametrize("method", list(TrainingMethod), ids=lambda m: m.name)
+def test_integer_model_compiles_without_graph_breaks(method):
+    torch._dynamo.reset()
+    config = QATConfig(weight_training_method=method, activation_training_method=method)
+    qat = quantize_model(with_statistics(TinyResNet()), config, [X[:64]], progress=False)
+    compiled = torch.compile(copy.deepcopy(qat), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled.train()(X[:16]), qat.train()(X[:16]))
+    with torch.no_grad():
+        assert torch.equal(compiled.eval()(X[:16]), qat.eval()(X[:16]))
