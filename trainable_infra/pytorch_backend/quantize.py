@@ -358,6 +358,12 @@ def _quantize_layer_inputs(
             wrapper.set_output_holder(_output_holder(node, modules))
 
 
+def _has_grid(holder: Any) -> bool:
+    """Whether `holder` is a trainable holder whose quantizer states its grid (`grid()`, as the built-in ones do)."""
+    return isinstance(holder, PytorchTrainableActivationQuantizationHolder) and hasattr(
+        holder.activation_holder_quantizer, "grid")
+
+
 def _integer_merges(gm: fx.GraphModule) -> None:
     """Make each addition of two holders' outputs and each concatenation of holders' outputs that a holder follows
     compute as onnxruntime's QLinearAdd / QLinearConcat in eval mode (`IntegerMerge`)."""
@@ -381,8 +387,7 @@ def _integer_merges(gm: fx.GraphModule) -> None:
             input_holders.append(holder)
         output_holder = _output_holder(node, modules)
         holders = [*input_holders, output_holder]
-        if not all(isinstance(h, PytorchTrainableActivationQuantizationHolder) and hasattr(
-                h.activation_holder_quantizer, "grid") for h in holders):
+        if not all(_has_grid(h) for h in holders):
             continue
         merge = IntegerMerge(kind, dim)
         merge.link(input_holders, output_holder)
@@ -418,7 +423,7 @@ def _integer_average_pools(gm: fx.GraphModule) -> None:
         source = _grid_source(node.args[0], modules)
         holders = [modules.get(n.target) if isinstance(n, fx.Node) and n.op == "call_module" else None
                    for n in (source, user)]
-        if not all(isinstance(h, PytorchTrainableActivationQuantizationHolder) for h in holders):
+        if not all(_has_grid(h) for h in holders):
             continue
         integer_pool = IntegerGlobalAveragePool(pool)
         integer_pool.link(*holders)
