@@ -428,3 +428,12 @@ def test_integer_model_compiles_without_graph_breaks(method):
     assert torch.equal(compiled.train()(X[:16]), qat.train()(X[:16]))
     with torch.no_grad():
         assert torch.equal(compiled.eval()(X[:16]), qat.eval()(X[:16]))
+
+
+def test_grids_wider_than_8_bits_keep_the_float_bias():
+    qat = quantize_model(small_model(), QATConfig(weight_n_bits=16, activation_n_bits=16), [X[:64]], progress=False)
+    assert all(w.input_holder is None for w in modules_of(qat, PytorchTrainableQuantizationWrapper).values())
+    mixed = quantize_model(small_model(), QATConfig(overrides={"2": {"weight_n_bits": 12}}), [X[:64]], progress=False)
+    wrapped = modules_of(mixed, PytorchTrainableQuantizationWrapper)
+    links = {name: w.input_holder is not None for name, w in wrapped.items()}
+    assert links == {"0": True, "2": False, "5": True}

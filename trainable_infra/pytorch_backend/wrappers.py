@@ -72,6 +72,11 @@ def _call_kind(module: nn.Module, names: list[str]) -> str:
     return _CALL_GENERIC
 
 
+def _fits_8_bits(quantizer: Any) -> bool:
+    """Whether a quantizer's integer grid has at most 256 levels (what int8 / uint8 kernels take)."""
+    return int(quantizer.q_max) - int(quantizer.q_min) < 256
+
+
 def _abs_int_max(quantizer: Any) -> int:
     """The largest |q - z| of a quantizer's integer grid (bounded by its range when the zero point moves)."""
     return max(abs(int(quantizer.q_min)), abs(int(quantizer.q_max)))
@@ -131,8 +136,9 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
 
         With a holder, the bias is rounded to int32 on the grid s = Δ_in·Δ_w (straight-through gradient) and, in
         eval mode, the products are accumulated exactly and scaled once (`trainable_infra.pytorch_backend.integer`).
-        Layers other than a stock Conv1d/2d/3d or Linear, weights quantizers without a `grid()` and holders
-        without one keep the float computation.
+        Layers other than a stock Conv1d/2d/3d or Linear, quantizers without a `grid()` and grids of more than
+        8 bits (no integer kernel takes them; their Δ_in·Δ_w is so small that an int32 bias would saturate) keep the
+        float computation.
         """
         if holder is not None and not isinstance(holder, PytorchTrainableActivationQuantizationHolder):
             raise QuantizationConfigError(
@@ -144,6 +150,8 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
             and list(self.weights_quantizers) == ["weight"]
             and hasattr(self.weights_quantizers["weight"], "grid")
             and hasattr(holder.activation_holder_quantizer, "grid")
+            and _fits_8_bits(self.weights_quantizers["weight"])
+            and _fits_8_bits(holder.activation_holder_quantizer)
         )
         self.__dict__["_input_holder"] = holder if usable else None
         if usable:
