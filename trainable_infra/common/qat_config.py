@@ -201,9 +201,10 @@ class QATConfig:
         fold_batch_norm: fold a BatchNorm that directly follows a convolution or dense / linear layer (its only
             consumer) into that layer's weight and bias from its running statistics, as integer runtimes do,
             before the weight quantizer is initialised; the BatchNorm is removed.
-        integer_bias: where a quantized layer's input comes from an activation quantizer, round its bias to
-            int32 on the grid Δ_in·Δ_w (per output channel) in the forward pass (straight-through gradient),
-            as onnxruntime, TensorRT and TFLite store it.
+        integer_bias: where a quantized layer's input comes from an activation quantizer (both grids of at most
+            8 bits), round its bias to int32 on the grid Δ_in·Δ_w (per output channel) in the forward pass
+            (straight-through gradient), as onnxruntime, TensorRT and TFLite store it, and quantize the input of
+            every quantized layer; in eval mode the model then computes as the runtime's integer kernels do.
 
     Example:
         >>> config = QATConfig(weight_n_bits=4, overrides={"classifier*": {"weight_n_bits": 8}})
