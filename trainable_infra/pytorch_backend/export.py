@@ -171,6 +171,10 @@ def export_onnx(
     else:
         for quantizer in _inferable_quantizers(work):
             quantizer.enable_custom_impl()
+        for module in work.modules():
+            # The file holds float layers between the custom quantizer ops, as onnxruntime runs them.
+            if getattr(module, "integer_arithmetic", False):
+                module.integer_arithmetic = False
     input_names = [f"input_{i}" for i in range(len(inputs))]
     dynamic_axes = {name: {0: "batch"} for name in [*input_names, "output"]} if dynamic_batch else None
     with atomic_output(target) as temporary:
