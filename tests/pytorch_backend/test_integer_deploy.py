@@ -437,3 +437,38 @@ def test_grids_wider_than_8_bits_keep_the_float_bias():
     wrapped = modules_of(mixed, PytorchTrainableQuantizationWrapper)
     links = {name: w.input_holder is not None for name, w in wrapped.items()}
     assert links == {"0": True, "2": False, "5": True}
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNetV2- and MobileNetV2-style pieces: chunk, ReLU6, concatenation, channel shuffle, dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU6(),
+                                    nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4))
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        left, right = x.chunk(2, dim=1)
+        x = torch.cat([left, self.branch(right)], dim=1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle, as torchvision writes it
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_chunks_relu6_shuffles_and_dropout_keep_the_integer_kernels(tmp_path):
+    torch.manual_seed(0)
+    qat = quantize_model(with_statistics(ShuffleBlock()), QATConfig(weight_n_bits=4), [X[:64]], progress=False)
+    train_steps(qat, steps=2)
+    # The stem's ReLU6 folds into its requantization while the quantizer's range lies within [0, 6].
+    stem = qat.get_submodule("stem.0")
+    assert stem.output_holder is not None
+    assert stem._output_clip == 6.0
+    assert all(w.input_holder is not None for w in modules_of(qat, PytorchTrainableQuantizationWrapper).values())
+    report = export_onnx(convert_to_inferable(qat), tmp_path / "m.onnx", X, require_identical=0.999)
+    ops = optimized_ops(report.path, tmp_path)
+    assert "Conv" not in ops
+    assert "Gemm" not in ops
+    assert report.argmax_identical == 1.0

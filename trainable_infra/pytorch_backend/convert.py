@@ -66,6 +66,7 @@ def _convert(module: nn.Module, path: str = "") -> nn.Module:
                                                module._acc_dtype)
         if module.output_holder is not None:
             converted.output_grid = torch.stack(holder_grid(module.output_holder))
+            converted.output_clip = module._output_clip
         return converted
     if isinstance(module, IntegerGlobalAveragePool):
         if module.grid is None and module._holders is not None:

@@ -59,6 +59,7 @@ def integer_forward(
     scale: torch.Tensor,
     acc_dtype: torch.dtype,
     output_grid: tuple[torch.Tensor, ...] | None = None,
+    output_clip: float | None = None,
 ) -> torch.Tensor:
     """`module` (a Conv1d/2d/3d or Linear) on `x` as the integer kernel computes it: float32(acc + b_int)·s.
 
@@ -66,7 +67,9 @@ def integer_forward(
     one value); their integers relative to the zero point are round(x / Δ). With `output_grid` = (Δ_y, z_y,
     q_min, q_max), the grid of the quantizer the output goes to, the result is requantized onto it as
     onnxruntime's QLinearConv / QGemm do (MLAS's requantization): q = clip(round(float32(acc)·M) + z_y), M the
-    float32 (Δ_in·Δ_w)/Δ_y, ties to even; then (q - z_y)·Δ_y, which that quantizer leaves unchanged.
+    float32 (Δ_in·Δ_w)/Δ_y, ties to even; then (q - z_y)·Δ_y, which that quantizer leaves unchanged. With
+    `output_clip` (a ReLU6 between the layer and that quantizer) the requantization applies only where the grid's
+    uint8 range (255 - z_y)·Δ_y lies within it, else the result is float32(acc)·s.
     """
     x_int = torch.round(x / x_step).to(acc_dtype)
     w_int = torch.round(w_quantized / w_step.reshape((-1,) + (1,) * (w_quantized.dim() - 1))).to(acc_dtype)
@@ -84,7 +87,12 @@ def integer_forward(
     y_step, y_zero, q_min, q_max = output_grid
     multiplier = (scale / y_step).reshape(channel_view)
     q = torch.clamp(torch.round(acc.float() * multiplier) + y_zero, q_min, q_max)
-    return (q - y_zero) * y_step
+    requantized = (q - y_zero) * y_step
+    if output_clip is None:
+        return requantized
+    # Selected on the device, not in Python: no host sync, and torch.compile keeps one graph.
+    folded = (255 - y_zero) * y_step <= output_clip
+    return torch.where(folded, requantized, acc.float() * scale.reshape(channel_view))
 
 
 def is_integer_layer(module: nn.Module) -> bool:
@@ -136,6 +144,7 @@ class IntegerQuantizationWrapper(PytorchQuantizationWrapper):
         self.acc_dtype = acc_dtype
         # (Δ_y, z_y, q_min, q_max) of the quantizer right after the layer, when its requantization is the kernel's.
         self.register_buffer("output_grid", None)
+        self.output_clip: float | None = None  # 6.0 when a ReLU6 stands between the layer and that quantizer
         # Export traces the float form (dequantize -> Conv / Gemm), which the runtime turns into its integer kernel.
         self.integer_arithmetic = True
 
@@ -146,7 +155,7 @@ class IntegerQuantizationWrapper(PytorchQuantizationWrapper):
         ((_, weight, quantizer),) = self.get_weights_vars()
         output_grid = None if self.output_grid is None else tuple(self.output_grid)
         return integer_forward(self.layer, args[0], self.input_step, quantizer(weight), self.weight_step,
-                               self.integer_bias, self.bias_scale, self.acc_dtype, output_grid)
+                               self.integer_bias, self.bias_scale, self.acc_dtype, output_grid, self.output_clip)
 
 
 _ADAPTIVE_AVERAGE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)

@@ -197,6 +197,10 @@ class QCDQQuantizer:
         return _QuantizeClipDequantize.apply(inputs, self.quantizer, self.grid)
 
 
+# Operations that return several tensors (a holder's quantizer cannot follow them directly; it follows each item).
+_MULTIPLE_OUTPUTS = {"chunk", "split", torch.chunk, torch.split}
+
+
 def requantize_after_reshapes(model: nn.Module) -> None:
     """In a copy made for export: after each max pool or reshape of a holder's output, pass the result through that
     holder again (a no-op on values already on its grid).
@@ -210,8 +214,10 @@ def requantize_after_reshapes(model: nn.Module) -> None:
     modules = dict(model.named_modules())
     changed = False
     for node in list(model.graph.nodes):
-        source = node.args[0] if node.args else None
-        if _grid_source(node, modules) is node or not isinstance(source, fx.Node) or source.op != "call_module":
+        if _grid_source(node, modules) is node or node.target in _MULTIPLE_OUTPUTS:
+            continue
+        source = _grid_source(node.args[0], modules)
+        if not isinstance(source, fx.Node) or source.op != "call_module":
             continue
         if not isinstance(modules.get(source.target), PytorchActivationQuantizationHolder):
             continue

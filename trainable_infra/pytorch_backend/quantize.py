@@ -65,19 +65,22 @@ _ACTIVATION_FUNCTIONS = {
     *_NON_NEGATIVE_FUNCTIONS, F.leaky_relu, F.gelu, F.silu, torch.tanh, F.tanh, F.hardswish, F.hardtanh, F.elu,
 }
 _ACTIVATION_METHODS = {*_NON_NEGATIVE_METHODS, "tanh"}
-# Operations whose output holds values of their input: a quantized input stays on its grid.
+# Operations whose output holds values of their input: a quantized input stays on its grid (dropout in eval mode,
+# where the integer computation applies; in training the layer after it computes in float anyway).
 _VALUE_PRESERVING_MODULES = (
     nn.Flatten, nn.Unflatten, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.PixelShuffle,
-    nn.PixelUnshuffle, nn.ChannelShuffle,
+    nn.PixelUnshuffle, nn.ChannelShuffle, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
 )
 _VALUE_PRESERVING_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "unflatten",
+    "chunk", "split", "narrow",
 }
 _VALUE_PRESERVING_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, F.max_pool1d,
     F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle,
+    torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.chunk, torch.split, torch.narrow,
+    operator.getitem,
 }
 _AVERAGING_MODULES = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -293,26 +296,34 @@ def _grid_source(node: Any, modules: dict[str, nn.Module], through_averages: boo
     return node
 
 
-def _output_holder(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
-    """The holder whose requantization an integer kernel carries out for the layer at `node`: its only user, or
-    the only user of a ReLU that is the layer's only user when the holder's grid starts at 0 (onnxruntime then
-    drops the ReLU and clips in the kernel)."""
+def _output_holder(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[nn.Module | None, float | None]:
+    """(holder, clip) for the holder whose requantization an integer kernel carries out for the layer at `node`:
+    the layer's only user, or the only user of a ReLU / ReLU6 that is the layer's only user when the holder's grid
+    starts at 0 (onnxruntime then folds the activation into the kernel's clipping). `clip` is 6.0 after a ReLU6:
+    onnxruntime folds it only while the quantizer's uint8 range lies within [0, 6]."""
     if len(node.users) != 1:
-        return None
+        return None, None
     (user,) = node.users
-    through_relu = _is_relu(user, modules)
-    if through_relu:
+    clip = 6.0 if _is_relu6(user, modules) else None
+    through = clip is not None or _is_relu(user, modules)
+    if through:
         if len(user.users) != 1:
-            return None
+            return None, None
         (user,) = user.users
     holder = modules.get(user.target) if user.op == "call_module" else None
     if not isinstance(holder, PytorchTrainableActivationQuantizationHolder):
-        return None
-    if through_relu:
+        return None, None
+    if through:
         quantizer = holder.activation_holder_quantizer
         if not hasattr(quantizer, "grid") or quantizer.q_min != 0 or bool(quantizer.grid()[1].ne(0).any()):
-            return None
-    return holder
+            return None, None
+    return holder, clip
+
+
+def _is_relu6(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU6
+    return node.op == "call_function" and node.target is F.relu6 and not node.kwargs.get("inplace", False)
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -355,7 +366,7 @@ def _quantize_layer_inputs(
             holders[name] = (settings, signed)
         if isinstance(holder, PytorchTrainableActivationQuantizationHolder):
             wrapper.set_input_holder(holder)
-            wrapper.set_output_holder(_output_holder(node, modules))
+            wrapper.set_output_holder(*_output_holder(node, modules))
 
 
 def _has_grid(holder: Any) -> bool:
@@ -385,8 +396,8 @@ def _integer_merges(gm: fx.GraphModule) -> None:
             source = _grid_source(value, modules)
             holder = modules.get(source.target) if isinstance(source, fx.Node) and source.op == "call_module" else None
             input_holders.append(holder)
-        output_holder = _output_holder(node, modules)
-        holders = [*input_holders, output_holder]
+        output_holder, clip = _output_holder(node, modules)
+        holders = [*input_holders, output_holder if clip is None else None]
         if not all(_has_grid(h) for h in holders):
             continue
         merge = IntegerMerge(kind, dim)

@@ -124,6 +124,7 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         # Plain attributes, not submodules: the holders belong to the model, which registers them.
         self.__dict__["_input_holder"] = None
         self.__dict__["_output_holder"] = None
+        self._output_clip: float | None = None
         self.integer_arithmetic = True  # eval as the integer kernel when linked (see set_input_holder)
 
     @property
@@ -165,11 +166,15 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         """The holder right after this layer whose requantization the eval computation carries out, if any."""
         return self.__dict__["_output_holder"]
 
-    def set_output_holder(self, holder: PytorchTrainableActivationQuantizationHolder | None) -> None:
+    def set_output_holder(
+        self, holder: PytorchTrainableActivationQuantizationHolder | None, clip: float | None = None
+    ) -> None:
         """In eval mode, requantize onto `holder`'s grid as the integer kernel does (None: return float32(acc)·s).
 
-        Meant for a holder that takes this layer's output directly, or after a ReLU when its grid starts at 0:
-        the output then lies on its grid and the holder (and the ReLU) leave it unchanged.
+        Meant for a holder that takes this layer's output directly, or after a ReLU / ReLU6 when its grid starts
+        at 0: the output then lies on its grid and the holder (and the activation) leave it unchanged. With `clip`
+        (6.0 after a ReLU6) the requantization applies only while the holder's uint8 range lies within
+        [0, clip], as onnxruntime folds the activation only then; otherwise the layer returns float32(acc)·s.
         """
         if holder is not None and not isinstance(holder, PytorchTrainableActivationQuantizationHolder):
             raise QuantizationConfigError(
@@ -178,6 +183,7 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         usable = holder is not None and self.input_holder is not None and hasattr(holder.activation_holder_quantizer,
                                                                                   "grid")
         self.__dict__["_output_holder"] = holder if usable else None
+        self._output_clip = clip
 
     def _integer_grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Δ_in, Δ_w, s = Δ_in·Δ_w): the input's step, the weight's steps and the bias grid, in float32."""
@@ -201,7 +207,8 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
                 b_int = None if module.bias is None else integer_bias(module.bias, scale)
                 output = self.output_holder
                 return integer_forward(module, args[0], x_step, quantized["weight"], w_step, b_int, scale,
-                                       self._acc_dtype, None if output is None else holder_grid(output))
+                                       self._acc_dtype, None if output is None else holder_grid(output),
+                                       self._output_clip)
             bias = None if module.bias is None else quantize_bias(module.bias, scale)
             if self._call == _CALL_LINEAR:
                 return F.linear(args[0], quantized["weight"], bias)
