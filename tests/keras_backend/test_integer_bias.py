@@ -31,12 +31,13 @@ from trainable_infra.keras_backend import (
 from trainable_infra.keras_backend.fake_quant import integer_bias
 
 X = np.random.default_rng(0).uniform(-1.0, 1.0, size=(8, 6, 6, 3)).astype(np.float32)
-ROUNDED = ("conv", "depthwise", "head")  # each reads a holder's output and has a bias
+ROUNDED = ("conv", "depthwise", "dense", "head")  # each reads a holder's output (dense through Flatten)
 
 
 def bias_model(seed: int = 0) -> keras.Model:
     """Biases far from their grids: conv and depthwise (multiplier 2) after holders, a separable convolution
-    (its pointwise input is no holder's output), a dense layer after a Flatten and a dense head after a holder."""
+    (its pointwise input is no holder's output), a dense layer reading a holder through a Flatten and a dense head
+    after a holder."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((6, 6, 3), name="x")
     x = layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
@@ -97,6 +98,7 @@ def test_layers_reading_a_holder_round_their_bias_on_its_grid(qat):
     found = _wrappers(qat)
     assert {name for name, w in found.items() if w.input_holder is not None} == set(ROUNDED)
     assert found["conv"].input_holder == "x_activation_quantizer"
+    assert found["dense"].input_holder == "separable_activation_quantizer"  # through the Flatten
     assert found["head"].input_holder == "dense_activation_quantizer"
     for name in ROUNDED:
         expected = _expected_bias(qat, name)
@@ -220,3 +222,40 @@ def test_wrapper_called_away_from_its_holder_says_so():
                                                 input_holder="missing_activation_quantizer")
     with pytest.raises(QuantizationConfigError, match="has not found it"):
         wrapper(X)
+
+
+def _pooled_model(seed: int = 0) -> keras.Model:
+    """A convolution read through MaxPooling and ZeroPadding (values of the holder's grid), and dense heads after
+    an average pooling of unsigned values and after a Flatten of signed ones."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6, 6, 3), name="x")
+    x = layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = layers.MaxPooling2D(name="max")(x)
+    x = layers.ZeroPadding2D(name="pad")(x)
+    x = layers.Conv2D(4, 3, name="conv2")(x)
+    pooled = layers.Dense(3, name="pooled_head")(layers.GlobalAveragePooling2D(name="pool")(
+        layers.ReLU(name="relu")(x)))
+    flat = layers.Dense(3, name="flat_head")(layers.Flatten(name="flat")(layers.AveragePooling2D(2, name="avg")(x)))
+    return keras.Model(inputs, [pooled, flat], name="pooled")
+
+
+def test_every_quantized_layer_reads_a_quantized_input():
+    qat = quantize_model(_pooled_model(), QATConfig(weight_n_bits=4), [X], progress=False)
+    found, holders = _wrappers(qat), _holders(qat)
+    assert found["conv2"].input_holder == "conv_activation_quantizer"  # through MaxPooling2D and ZeroPadding2D
+    # After the poolings, the operations that left the grid: unsigned after the relu, signed after conv2.
+    assert found["pooled_head"].input_holder == "pooled_head_input_activation_quantizer"
+    assert found["flat_head"].input_holder == "flat_head_input_activation_quantizer"
+    assert not holders["pooled_head_input_activation_quantizer"].activation_quantizer.params.signed
+    assert holders["flat_head_input_activation_quantizer"].activation_quantizer.params.signed
+    assert qat.get_layer("flat_head_input_activation_quantizer").input.name == qat.get_layer("avg").output.name
+    for name in ("conv2", "pooled_head", "flat_head"):
+        np.testing.assert_array_equal(found[name].integer_bias().numpy(), _expected_bias(qat, name), err_msg=name)
+    converted = convert_to_inferable(qat)
+    np.testing.assert_array_equal(converted.predict(X, verbose=0)[1], qat.predict(X, verbose=0)[1])
+
+
+def test_without_integer_bias_no_holder_is_added():
+    qat = quantize_model(_pooled_model(), QATConfig(integer_bias=False), [X], progress=False)
+    assert not [name for name in _holders(qat) if "_input_" in name]
+    assert all(w.input_holder is None for w in _wrappers(qat).values())

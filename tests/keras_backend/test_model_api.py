@@ -51,13 +51,16 @@ DATA = [(X[:64], Y[:64]), (X[64:], Y[64:])]
 EXPECTED_HOLDERS = {
     tiny_resnet: {
         "x": True, "stem": False, "layer1_conv1": False, "layer1_conv2": True, "layer1_add": False,
-        "layer2_conv1": False, "layer2_conv2": True, "layer2_shortcut": True, "layer2_add": False, "fc": True,
+        "layer2_conv1": False, "layer2_conv2": True, "layer2_shortcut": True, "layer2_add": False,
+        "fc_input": False, "fc": True,
     },
     tiny_mobilenet: {
         "x": True, "stem": False, "expand": False, "depthwise": False, "project": True, "add": True,
-        "branch_a": False, "branch_b": False, "cat": True, "head": True,
+        "branch_a": False, "branch_b": False, "cat": True, "head_input": True, "head": True,
     },
-}  # holder base name -> signed (the input is signed: the holder cannot know the data is non-negative)
+}  # holder base name -> signed (the input is signed: the holder cannot know the data is non-negative); "<layer>_input"
+# quantizes the pooled features the dense head reads (QATConfig.integer_bias), unsigned where they average an
+# unsigned holder's output
 QUANTIZABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Dense)
 
 
@@ -130,7 +133,8 @@ def test_transposed_and_1d_convolutions_use_their_output_channel_axis():
     assert found["seq"].weights_quantizers["kernel"].axis == 2
     signed = {name: h.activation_quantizer.params.signed for name, h in holders(qat).items()}
     assert signed == {"x_activation_quantizer": True, "up_activation_quantizer": False,
-                      "seq_activation_quantizer": True, "fc_activation_quantizer": True}
+                      "seq_activation_quantizer": True, "fc_input_activation_quantizer": True,
+                      "fc_activation_quantizer": True}
     assert np.isfinite(fit(compiled(qat)).history["loss"][0])
 
 
@@ -158,7 +162,7 @@ def test_train_save_reload_convert(architecture, method, tmp_path):
     np.testing.assert_array_equal(converted.predict(X, verbose=0), expected)
     converted.save(tmp_path / "inferable.keras")
     loaded = keras.models.load_model(tmp_path / "inferable.keras")
-    assert sum(isinstance(layer, KerasInferableActivationQuantizationHolder) for layer in loaded.layers) == 10
+    assert sum(isinstance(layer, KerasInferableActivationQuantizationHolder) for layer in loaded.layers) == 11
     np.testing.assert_array_equal(loaded.predict(X, verbose=0), expected)
 
 
@@ -168,9 +172,9 @@ def test_sequential_model_stays_sequential_and_keeps_its_compile_settings(tmp_pa
     qat = quantize_model(float_model, QATConfig(weight_n_bits=4), X, progress=False)
     assert isinstance(qat, keras.Sequential)
     assert [layer.name for layer in qat.layers] == [
-        "image_activation_quantizer", "conv", "relu", "conv_activation_quantizer", "pool", "fc",
-        "fc_activation_quantizer",
-    ]  # bn is folded into conv
+        "image_activation_quantizer", "conv", "relu", "conv_activation_quantizer", "pool",
+        "fc_input_activation_quantizer", "fc", "fc_activation_quantizer",
+    ]  # bn is folded into conv; the pooled features are quantized for fc (QATConfig.integer_bias)
     assert qat.compiled
     assert qat.optimizer is not float_model.optimizer
     assert np.isfinite(fit(qat).history["loss"][0])
@@ -278,7 +282,7 @@ def test_lsq_quantizer_parameters_train_and_freeze_mid_training():
     config = QATConfig(weight_training_method=TrainingMethod.LSQ, activation_training_method=TrainingMethod.LSQ)
     qat = compiled(quantize_model(tiny_resnet(), config, DATA, progress=False), lr=0.01)
     learned = thresholds(qat)
-    assert len(learned) == 7 + 10
+    assert len(learned) == 7 + 11
     assert all(v.trainable for v in learned.values())
     before = {k: v.numpy().copy() for k, v in learned.items()}
     fit(qat)  # traces the train step with the thresholds trainable

@@ -53,7 +53,11 @@ from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
 from trainable_infra.keras_backend.calibrate import all_layers, calibrate, check_data, check_model
-from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHolder, KerasTrainableQuantizationWrapper
+from trainable_infra.keras_backend.wrappers import (
+    VALUE_PRESERVING_LAYERS,
+    KerasActivationQuantizationHolder,
+    KerasTrainableQuantizationWrapper,
+)
 
 # Layer class name -> (class, {kernel attribute: its output-channel axis}). Depthwise kernels are
 # (*window, in_channels, depth_multiplier): their thresholds are per input channel (axis -2), shared by the
@@ -80,6 +84,11 @@ _ACTIVATION_LAYERS = (
 )
 # Layers whose outputs are quantized (they are where residual branches and concatenations meet).
 _MERGE_LAYERS = (keras.layers.Add, keras.layers.Concatenate)
+# Averages keep the sign of their input: a holder after one of an unsigned grid is unsigned.
+_AVERAGING_LAYERS = (
+    keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, keras.layers.AveragePooling3D,
+    keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D, keras.layers.GlobalAveragePooling3D,
+)
 
 
 def _check_arguments(
@@ -334,6 +343,9 @@ class _Plan:
     removed: set[int] = dataclasses.field(default_factory=set)  # id(float layer) of the folded BatchNormalizations
     # id(float layer) -> the name of the holder whose grid its bias is rounded on (QATConfig.integer_bias)
     input_holders: dict[int, str] = dataclasses.field(default_factory=dict)
+    signed: dict[Hashable, bool] = dataclasses.field(default_factory=dict)  # tensor key -> its holder is signed
+    # names of the holders put on quantized layers' inputs (QATConfig.integer_bias), for reports and tests
+    added_input_holders: list[str] = dataclasses.field(default_factory=list)
 
 
 def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
@@ -388,7 +400,9 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
         params = default_activation_params(settings.activation_quantization_method, signed)
         with naming_layer(base):
             holders[key] = make_holder(settings, config, params, holder_name(base, taken))
+        plan.signed[key] = signed
     if config.integer_bias:
+        _plan_input_holders(graph, plan, config, calls_of, taken)
         _plan_integer_bias(graph, plan, calls_of)
     return plan
 
@@ -397,14 +411,60 @@ def _has_grid_step(quantizer: Any) -> bool:
     return type(quantizer).grid_step is not BaseKerasTrainableQuantizer.grid_step
 
 
+def _grid_source(key: Hashable, producers: dict[Hashable, _Call], through_averages: bool = False) -> Hashable:
+    """The key of the tensor whose values `key` holds (walking back through `VALUE_PRESERVING_LAYERS`, and with
+    `through_averages` through average poolings too)."""
+    kinds = (*VALUE_PRESERVING_LAYERS, *(_AVERAGING_LAYERS if through_averages else ()))
+    while key in producers:
+        call = producers[key]
+        if not isinstance(call.layer, kinds) or len(call.inputs) != 1 or len(call.outputs) != 1:
+            break
+        key = call.inputs[0]
+    return key
+
+
+def _plan_input_holders(
+    graph: _Graph, plan: _Plan, config: QATConfig, calls_of: Counter, taken: set[str]
+) -> None:
+    """Give each wrapped layer (called once, one input) a quantized input, as integer runtimes need: where its
+    input is no holder's output (directly or through `VALUE_PRESERVING_LAYERS`), e.g. a Dense layer after a
+    GlobalAveragePooling2D, a holder named "<layer>_input_activation_quantizer" goes right after the operation that
+    left the grid, so that the runtime runs that operation on integers too (TFLite's int8 MEAN). It is unsigned
+    where the values come, through average poolings, from an unsigned holder or a non-negative activation."""
+    producers = {key: call for call in graph.calls for key in call.outputs}
+    inputs = {key for key, _ in graph.inputs}
+    for call in graph.calls:
+        layer = call.layer
+        if id(layer) not in plan.wrappers or calls_of[id(layer)] != 1 or len(call.inputs) != 1:
+            continue
+        source = _grid_source(call.inputs[0], producers)
+        if source in plan.holders or source in inputs or id(producers[source].layer) in plan.removed:
+            continue
+        origin = _grid_source(call.inputs[0], producers, through_averages=True)
+        if origin in plan.holders:
+            signed = plan.signed[origin]
+        else:
+            producer = producers[origin].layer if origin in producers else None
+            signed = producer is None or _activation_name(producer) not in NON_NEGATIVE_ACTIVATIONS
+        settings = config.for_layer(layer.name)
+        params = default_activation_params(settings.activation_quantization_method, signed)
+        name = holder_name(f"{layer.name}_input", taken)
+        with naming_layer(layer.name):
+            plan.holders[source] = make_holder(settings, config, params, name)
+        plan.signed[source] = signed
+        plan.added_input_holders.append(name)
+
+
 def _plan_integer_bias(graph: _Graph, plan: _Plan, calls_of: Counter) -> None:
-    """Record the input holder of each wrapped layer, called once, that reads a holder's output directly and has a
-    bias and a quantized "kernel" (separable convolutions have none: their pointwise input is not on a grid)."""
+    """Record the input holder of each wrapped layer, called once, that reads a holder's output (directly or
+    through `VALUE_PRESERVING_LAYERS`) and has a bias and a quantized "kernel" (separable convolutions have none:
+    their pointwise input is not on a grid)."""
+    producers = {key: call for call in graph.calls for key in call.outputs}
     for call in graph.calls:
         wrapper = plan.wrappers.get(id(call.layer))
         if wrapper is None or calls_of[id(call.layer)] != 1 or len(call.inputs) != 1:
             continue
-        holder = plan.holders.get(call.inputs[0])
+        holder = plan.holders.get(_grid_source(call.inputs[0], producers))
         kernel_quantizer = wrapper.weights_quantizers.get("kernel")
         has_bias = getattr(call.layer, "use_bias", False) or "bias" in plan.weights.get(id(call.layer), {})
         if holder is None or kernel_quantizer is None or not has_bias:

@@ -28,6 +28,35 @@ PACKAGE = "trainable_infra"
 # rounding ties and in last bits. Without XLA a trained model and its conversion agree bit for bit.
 
 
+# Layers whose outputs are values of their input (reshaped, permuted, max-pooled, zero-padded; dropout is the
+# identity in inference): a holder's grid reaches through them to the layer that reads them.
+VALUE_PRESERVING_LAYERS = (
+    keras.layers.Flatten, keras.layers.Reshape, keras.layers.Permute, keras.layers.Identity,
+    keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
+    keras.layers.GlobalMaxPooling1D, keras.layers.GlobalMaxPooling2D, keras.layers.GlobalMaxPooling3D,
+    keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D,
+    keras.layers.Cropping1D, keras.layers.Cropping2D, keras.layers.Cropping3D,
+    keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D, keras.layers.SpatialDropout3D,
+)
+
+
+def producing_holder(tensor: Any) -> Any:
+    """The `KerasActivationQuantizationHolder` whose output a symbolic tensor is, directly or through
+    `VALUE_PRESERVING_LAYERS`; None if there is none (or the tensor is not symbolic)."""
+    history = getattr(tensor, "_keras_history", None)
+    while history is not None:
+        operation = history.operation
+        if isinstance(operation, KerasActivationQuantizationHolder):
+            return operation
+        if not isinstance(operation, VALUE_PRESERVING_LAYERS):
+            return None
+        node = operation._inbound_nodes[history.node_index]
+        if len(node.input_tensors) != 1:
+            return None
+        history = getattr(node.input_tensors[0], "_keras_history", None)
+    return None
+
+
 @contextlib.contextmanager
 def _functions_run_eagerly() -> Iterator[None]:
     """TensorFlow functions run eagerly while `check_finite` is on: the checks read values, so that they raise
@@ -235,9 +264,8 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.input_holder is not None and args:
-            history = getattr(args[0], "_keras_history", None)  # set on symbolic tensors while a model is built
-            producer = history.operation if history is not None else None
-            if isinstance(producer, KerasActivationQuantizationHolder) and producer.name == self.input_holder:
+            producer = producing_holder(args[0])  # symbolic tensors (a model being built) record their producers
+            if producer is not None and producer.name == self.input_holder:
                 self._input_holder_ref = weakref.ref(producer)
         return super().__call__(*args, **kwargs)
 
