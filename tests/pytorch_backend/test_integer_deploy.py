@@ -472,3 +472,53 @@ def test_chunks_relu6_shuffles_and_dropout_keep_the_integer_kernels(tmp_path):
     assert "Conv" not in ops
     assert "Gemm" not in ops
     assert report.argmax_identical == 1.0
+
+
+class SharedLayer(nn.Module):
+    """One convolution called on the outputs of two different activation quantizers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(1, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.shared(torch.relu(self.a(x))), self.shared(self.b(x) * 5.0)
+
+
+def test_a_shared_layer_keeps_the_float_computation(tmp_path):
+    qat = quantize_model(SharedLayer().eval(), QATConfig(), [X[:64]], progress=False).eval()
+    assert qat.get_submodule("shared").input_holder is None
+    assert qat.get_submodule("a").input_holder is not None
+    converted = convert_to_inferable(qat)
+    with torch.no_grad():
+        assert all(torch.equal(c, q) for c, q in zip(converted(X), qat(X), strict=True))
+
+
+def test_folding_keeps_frozen_layers_frozen():
+    model = with_statistics(float_cnn())
+    model[0].requires_grad_(False)
+    qat = quantize_model(model, QATConfig(), [X[:64]], progress=False)
+    trainable = {name: p.requires_grad for name, p in qat.named_parameters() if ".module." in name}
+    assert trainable["0.module.weight"] is False
+    assert trainable["0.module.bias"] is False
+    assert trainable["3.module.weight"] is True
+
+
+def test_half_precision_models_still_quantize_and_train():
+    model = with_statistics(float_cnn()).half()
+    qat = quantize_model(model, QATConfig(), [X[:64].half()], progress=False).train()
+    out = qat(X[:8].half())
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert qat.get_submodule("0").module.bias.grad is not None
+
+
+def test_the_int32_bias_passes_no_gradient_to_the_steps():
+    from trainable_infra.pytorch_backend.integer import quantize_bias as torch_quantize_bias
+
+    bias = torch.tensor([0.5, -0.25], requires_grad=True)
+    scale = torch.tensor([0.001, 0.003], requires_grad=True)
+    torch_quantize_bias(bias, scale).sum().backward()
+    assert scale.grad is None
+    assert torch.equal(bias.grad, torch.ones(2))

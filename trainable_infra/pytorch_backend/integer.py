@@ -30,8 +30,8 @@ def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
     `scale` is s = Δ_in·Δ_w, a float32 vector with one value per output channel (or one value).
     """
-    detached = bias.detach()
-    q = torch.round(detached / scale).clamp_(INT32_MIN, INT32_MAX).mul_(scale)
+    detached, scale = bias.detach(), scale.detach()  # straight through to the bias only, never to the steps
+    q = torch.round(detached.float() / scale).clamp_(INT32_MIN, INT32_MAX).mul_(scale).to(bias.dtype)
     # q + (b - b) is q bit for bit, and carries the gradient of b.
     return q + (bias - detached)
 

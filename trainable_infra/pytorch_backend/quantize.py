@@ -263,8 +263,12 @@ def _fold_batch_norms(gm: fx.GraphModule, config: QATConfig) -> list[str]:
         )
         new = copy.deepcopy(layer)
         like = layer.weight
-        new.weight = nn.Parameter(torch.from_numpy(weight).to(device=like.device, dtype=like.dtype))
-        new.bias = nn.Parameter(torch.from_numpy(bias).to(device=like.device, dtype=like.dtype))
+        # A frozen layer stays frozen (its bias follows its weight when it had none).
+        bias_trainable = like.requires_grad if layer.bias is None else layer.bias.requires_grad
+        new.weight = nn.Parameter(torch.from_numpy(weight).to(device=like.device, dtype=like.dtype),
+                                  requires_grad=like.requires_grad)
+        new.bias = nn.Parameter(torch.from_numpy(bias).to(device=like.device, dtype=like.dtype),
+                                requires_grad=bias_trainable)
         _set_submodule(gm, source.target, new)
         modules[source.target] = new
         node.replace_all_uses_with(source)
@@ -334,6 +338,15 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
+    """How many times the graph calls each module (a shared module is called more than once)."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
 def _quantize_layer_inputs(
     gm: fx.GraphModule, config: QATConfig, holders: dict[str, tuple[LayerSettings, bool]], taken: set[str]
 ) -> None:
@@ -342,6 +355,7 @@ def _quantize_layer_inputs(
     average pooling, a holder named after the layer goes right after the operation that left the grid (so that
     an integer runtime can run that operation on integers too, e.g. onnxruntime's QLinearGlobalAveragePool)."""
     modules = dict(gm.named_modules())
+    calls = _module_calls(gm)
     for node in list(gm.graph.nodes):
         wrapper = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(wrapper, PytorchTrainableQuantizationWrapper) or len(node.args) != 1 or node.kwargs:
@@ -364,7 +378,9 @@ def _quantize_layer_inputs(
                 new = gm.graph.call_module(name, (source,))
             source.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
             holders[name] = (settings, signed)
-        if isinstance(holder, PytorchTrainableActivationQuantizationHolder):
+        # A layer called more than once (a shared module) has one set of links for all its calls: it keeps the
+        # float computation rather than compute some of them on another call's grids.
+        if isinstance(holder, PytorchTrainableActivationQuantizationHolder) and calls[node.target] == 1:
             wrapper.set_input_holder(holder)
             wrapper.set_output_holder(*_output_holder(node, modules))
 
@@ -428,6 +444,8 @@ def _integer_average_pools(gm: fx.GraphModule) -> None:
                 continue
         else:
             continue
+        if node.op == "call_module" and _module_calls(gm)[node.target] != 1:
+            continue  # a shared pooling module: one set of grids cannot serve all its calls
         if len(node.users) != 1 or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         (user,) = node.users
