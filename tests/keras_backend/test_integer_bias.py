@@ -83,7 +83,8 @@ def _bias_in_forward(wrapper) -> np.ndarray:
     inner_activation = wrapper.layer.activation
     wrapper.layer.activation = keras.activations.linear
     try:
-        out = wrapper(np.zeros(shape, np.float32), training=False).numpy()
+        # In training: in inference the wrapper between two holders requantizes its output (integer eval).
+        out = wrapper(np.zeros(shape, np.float32), training=True).numpy()
     finally:
         wrapper.layer.activation = inner_activation
     return out.reshape(-1, out.shape[-1])[0]

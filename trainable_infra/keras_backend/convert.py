@@ -48,7 +48,8 @@ def _make_inferable_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
             for name, quantizer in layer.weights_quantizers.items()
             if quantizer.weights_quantization()
         }
-        return KerasInferableQuantizationWrapper(copy_layer(layer.layer), quantizers, name=layer.name)
+        return KerasInferableQuantizationWrapper(copy_layer(layer.layer), quantizers, input_holder=layer.input_holder,
+                                                 output_holder=layer.output_holder, name=layer.name)
     if isinstance(layer, KerasActivationQuantizationHolder):
         quantizer = layer.activation_quantizer
         if not quantizer.activation_quantization():

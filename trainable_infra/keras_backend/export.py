@@ -10,7 +10,11 @@ TFLite's kernels require. A Dense layer is written as a 1x1 CONV_2D: TFLiteConve
 weight scales through the transposed kernel of FULLY_CONNECTED.
 
 The check runs the LiteRT interpreter (`ai-edge-litert`) when it is installed, else `tf.lite.Interpreter`, with
-its default delegate (XNNPACK), as users run it.
+its default delegate (XNNPACK), as users run it; its arithmetic is the reference the Keras model follows: the
+model's input quantizer is written out in float operations before the QUANTIZE op (ties round up, as in
+TensorFlow's fake-quant op), and a quantized Conv2D / DepthwiseConv2D / Dense layer between two holders computes
+in inference as XNNPACK's int8 kernel does (`integer.integer_forward`). TFLite's reference kernels (the
+interpreter without its delegate) requantize in fixed point and round otherwise.
 """
 
 from __future__ import annotations
@@ -365,9 +369,11 @@ def export_tflite(
     `representative_inputs` and compared with `model` before it replaces `path`; if anything fails, `path` is
     left as it was. `model` is not changed.
 
-    TFLite computes each layer on integers and requantizes its int32 accumulator once, where the Keras model
-    computes in float32 and rounds at each quantizer, so the outputs are close, not always identical:
-    `report.identical` and `report.argmax_identical` say how close (docs/deploying.md has the measured rates).
+    The converted model computes its convolutions and dense layers between holders as the interpreter's int8
+    kernels do (`integer.integer_forward`); additions, concatenations and poolings stay float operations in
+    Keras, and a separable convolution stays a float kernel in TFLite (its pointwise input is on no grid), so
+    the outputs can differ by a step where a value falls near a rounding boundary: `report.identical` and
+    `report.argmax_identical` say how much (benchmarks/fidelity.py --backend keras measures it).
 
     Args:
         model: a converted Keras model (its quantizers are mct-quantizers Keras inferable quantizers).

@@ -6,6 +6,7 @@ TensorFlow tensors and run unchanged inside these Keras 3 layers.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,12 +16,15 @@ from mct_quantizers.common.get_all_subclasses import get_all_subclasses
 from mct_quantizers.keras.quantizers import BaseKerasInferableQuantizer
 
 from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.keras_backend.integer import inferable_grid, integer_forward, integer_kernel_applies
 from trainable_infra.keras_backend.wrappers import (
     PACKAGE,
     QuantizedWeight,
     WeightsWrapperBase,
     call_with_weights,
+    claim_output_holder,
     layer_variable,
+    producing_holder,
 )
 
 
@@ -60,14 +64,48 @@ def _inferable_call(quantizer: BaseKerasInferableQuantizer, inputs: Any) -> Any:
 class KerasInferableQuantizationWrapper(WeightsWrapperBase):
     """Runs a layer with its weights fake-quantized by mct-quantizers Keras inferable quantizers.
 
+    With `input_holder` and `output_holder` (what `convert_to_inferable` carries over from the trained wrapper) a
+    Conv2D, DepthwiseConv2D or Dense layer computes as TFLite's int8 kernel does (`integer.integer_forward`), as
+    the trained wrapper does in inference.
+
     Args:
         layer: the Keras layer to wrap.
         weights_quantizers: attribute name of a layer variable -> an mct-quantizers `BaseKerasInferableQuantizer`.
+        input_holder: the name of the `KerasInferableActivationQuantizationHolder` whose output the layer reads
+            (directly or through `VALUE_PRESERVING_LAYERS`), or None.
+        output_holder: the name of the one that quantizes the layer's output (directly or after a ReLU), or None.
         **kwargs: Keras layer arguments (`name` defaults to "quant_" + the layer's name).
     """
 
     quantizer_base = BaseKerasInferableQuantizer
     quantizer_kind = "mct-quantizers Keras inferable quantizer"
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        weights_quantizers: Mapping[str, Any],
+        input_holder: str | None = None,
+        output_holder: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(layer, weights_quantizers, **kwargs)
+        for argument, value in (("input_holder", input_holder), ("output_holder", output_holder)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise QuantizationConfigError(
+                    f"{argument} must be None or the name of a KerasInferableActivationQuantizationHolder, got "
+                    f"{value!r}"
+                )
+        self.input_holder = input_holder
+        self.output_holder = output_holder
+        self._input_holder_ref: Any = None  # weakref.ref, found while the model is built
+        self._output_holder_ref: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.input_holder is not None and args:
+            producer = producing_holder(args[0], KerasInferableActivationQuantizationHolder)
+            if producer is not None and producer.name == self.input_holder:
+                self._input_holder_ref = weakref.ref(producer)
+        return super().__call__(*args, **kwargs)
 
     def build(self, input_shape: Any) -> None:
         if not self.layer.built:
@@ -79,10 +117,28 @@ class KerasInferableQuantizationWrapper(WeightsWrapperBase):
 
     def call(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         substitutes = [(w.variable, w.quantizer(tf.convert_to_tensor(w.variable))) for w in self._quantized_weights]
+        if not args and not kwargs:
+            integer = self._integer_output(inputs, substitutes)
+            if integer is not None:
+                return integer
         outputs, losses = call_with_weights(self.layer, substitutes, (inputs, *args), kwargs)
         if losses:
             self.add_loss(losses)
         return outputs
+
+    def _integer_output(self, inputs: Any, substitutes: list) -> Any:
+        """As `KerasTrainableQuantizationWrapper._integer_output`, from the inferable quantizers' ranges."""
+        holders = [ref() if ref is not None else None for ref in (self._input_holder_ref, self._output_holder_ref)]
+        kernel_quantizer = self.weights_quantizers.get("kernel")
+        if any(h is None for h in holders) or kernel_quantizer is None or not integer_kernel_applies(self.layer):
+            return None
+        grids = [inferable_grid(q) for q in (holders[0].activation_quantizer, kernel_quantizer,
+                                            holders[1].activation_quantizer)]
+        kernel = next((value for variable, value in substitutes if variable is self.layer.kernel), None)
+        if any(g is None for g in grids) or kernel is None:
+            return None
+        bias = tf.convert_to_tensor(self.layer.bias) if self.layer.use_bias else None
+        return integer_forward(self.layer, inputs, kernel, bias, *grids, getattr(self, "_output_clip", None))
 
     def compute_output_spec(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         return self.layer.compute_output_spec(inputs, *args, **kwargs)
@@ -94,6 +150,8 @@ class KerasInferableQuantizationWrapper(WeightsWrapperBase):
         config = super().get_config()
         config["layer"] = keras.saving.serialize_keras_object(self.layer)
         config["weights_quantizers"] = {name: serialize_inferable(q) for name, q in self.weights_quantizers.items()}
+        config["input_holder"] = self.input_holder
+        config["output_holder"] = self.output_holder
         return config
 
     @classmethod
@@ -123,6 +181,10 @@ class KerasInferableActivationQuantizationHolder(keras.layers.Layer):
         self.supports_jit = False  # no XLA: see the note on it in wrappers.py
         self.activation_quantizer = activation_quantizer
         self.supports_masking = True
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        claim_output_holder(self, inputs, KerasInferableQuantizationWrapper)
+        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs: Any) -> Any:
         return _inferable_call(self.activation_quantizer, inputs)

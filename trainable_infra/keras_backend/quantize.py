@@ -8,8 +8,10 @@ rebuilt with copies of the layers: names and weights are kept, the input model i
 With `QATConfig.fold_batch_norm` (the default) a BatchNormalization that only reads the output of a quantized layer
 is folded into that layer's kernel and bias from its moving statistics and left out of the rebuilt graph, as
 integer runtimes do; the weight quantizer starts from the folded kernel. With `QATConfig.integer_bias` (the
-default) a wrapped layer that reads a holder's output rounds its bias on the grid Δ_in·Δ_w, as the runtimes store
-it (`KerasTrainableQuantizationWrapper(input_holder=...)`).
+default) every wrapped layer reads a quantized input (a holder goes after an average pooling that feeds a Dense
+layer, for example; Flatten, Reshape, MaxPooling and ZeroPadding keep a holder's grid), rounds its bias on the grid
+Δ_in·Δ_w, as the runtimes store it (`KerasTrainableQuantizationWrapper(input_holder=...)`), and, with a holder on
+its output too, computes in inference as TFLite's int8 kernel does (`output_holder=...`, `integer.py`).
 
 A holder's signedness follows the architecture, not the data (unsigned after relu, relu6, sigmoid and
 hard_sigmoid, signed elsewhere), so a model rebuilt by `quantize_model` from the same float model and config
@@ -343,6 +345,9 @@ class _Plan:
     removed: set[int] = dataclasses.field(default_factory=set)  # id(float layer) of the folded BatchNormalizations
     # id(float layer) -> the name of the holder whose grid its bias is rounded on (QATConfig.integer_bias)
     input_holders: dict[int, str] = dataclasses.field(default_factory=dict)
+    # id(float layer) -> the name of the holder that quantizes its output (directly, after a folded BatchNormalization
+    # or a ReLU): with an input holder, the layer computes in inference as TFLite's int8 kernel does
+    output_holders: dict[int, str] = dataclasses.field(default_factory=dict)
     signed: dict[Hashable, bool] = dataclasses.field(default_factory=dict)  # tensor key -> its holder is signed
     # names of the holders put on quantized layers' inputs (QATConfig.integer_bias), for reports and tests
     added_input_holders: list[str] = dataclasses.field(default_factory=list)
@@ -457,20 +462,24 @@ def _plan_input_holders(
 
 def _plan_integer_bias(graph: _Graph, plan: _Plan, calls_of: Counter) -> None:
     """Record the input holder of each wrapped layer, called once, that reads a holder's output (directly or
-    through `VALUE_PRESERVING_LAYERS`) and has a bias and a quantized "kernel" (separable convolutions have none:
-    their pointwise input is not on a grid)."""
+    through `VALUE_PRESERVING_LAYERS`) and has a quantized "kernel" (separable convolutions have none: their
+    pointwise input is not on a grid): its bias, if any, is rounded on that grid. Record the holder of its output
+    too (`KerasTrainableQuantizationWrapper(output_holder=...)`)."""
     producers = {key: call for call in graph.calls for key in call.outputs}
+    consumers = graph.consumers()
     for call in graph.calls:
         wrapper = plan.wrappers.get(id(call.layer))
         if wrapper is None or calls_of[id(call.layer)] != 1 or len(call.inputs) != 1:
             continue
         holder = plan.holders.get(_grid_source(call.inputs[0], producers))
         kernel_quantizer = wrapper.weights_quantizers.get("kernel")
-        has_bias = getattr(call.layer, "use_bias", False) or "bias" in plan.weights.get(id(call.layer), {})
-        if holder is None or kernel_quantizer is None or not has_bias:
+        if holder is None or kernel_quantizer is None:
             continue
         if _has_grid_step(kernel_quantizer) and _has_grid_step(holder.activation_quantizer):
             plan.input_holders[id(call.layer)] = holder.name
+            key, _ = _chain_end(call, graph, consumers, through_batch_norm=True)
+            if key in plan.holders and key != call.inputs[0]:
+                plan.output_holders[id(call.layer)] = plan.holders[key].name
 
 
 # --- rebuilding -------------------------------------------------------------------------------------------------
@@ -492,6 +501,7 @@ def _rebuild(model: keras.Model, graph: _Graph, plan: _Plan) -> tuple[keras.Mode
             wrapper = plan.wrappers.get(id(layer))
             if wrapper is not None:
                 wrapper.input_holder = plan.input_holders.get(id(layer))
+                wrapper.output_holder = plan.output_holders.get(id(layer))
             copies[id(layer)] = wrapper if wrapper is not None else copy_layer(layer)
             pairs.append((layer, copies[id(layer)]))
         return copies[id(layer)]

@@ -19,6 +19,7 @@ from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
 from trainable_infra.keras_backend.fake_quant import integer_bias
+from trainable_infra.keras_backend.integer import integer_forward, integer_kernel_applies, trainable_grid
 
 PACKAGE = "trainable_infra"
 # The note on XLA: the layers here and in inferable_wrappers.py set `supports_jit = False`, so Keras never
@@ -40,13 +41,14 @@ VALUE_PRESERVING_LAYERS = (
 )
 
 
-def producing_holder(tensor: Any) -> Any:
-    """The `KerasActivationQuantizationHolder` whose output a symbolic tensor is, directly or through
-    `VALUE_PRESERVING_LAYERS`; None if there is none (or the tensor is not symbolic)."""
+def producing_holder(tensor: Any, holder_class: type | None = None) -> Any:
+    """The holder (a `KerasActivationQuantizationHolder`, or an instance of `holder_class`) whose output a symbolic
+    tensor is, directly or through `VALUE_PRESERVING_LAYERS`; None if there is none (or the tensor is not
+    symbolic)."""
     history = getattr(tensor, "_keras_history", None)
     while history is not None:
         operation = history.operation
-        if isinstance(operation, KerasActivationQuantizationHolder):
+        if isinstance(operation, holder_class or KerasActivationQuantizationHolder):
             return operation
         if not isinstance(operation, VALUE_PRESERVING_LAYERS):
             return None
@@ -55,6 +57,33 @@ def producing_holder(tensor: Any) -> Any:
             return None
         history = getattr(node.input_tensors[0], "_keras_history", None)
     return None
+
+
+def _relu_clip(layer: Any) -> float | None:
+    """The upper clip of a ReLU layer (inf for a plain ReLU, 6 for ReLU6), or None for any other layer."""
+    if isinstance(layer, keras.layers.ReLU):
+        if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
+            return None
+        return float("inf") if layer.max_value is None else float(layer.max_value)
+    if isinstance(layer, keras.layers.Activation):
+        return {"relu": float("inf"), "relu6": 6.0}.get(getattr(layer.activation, "__name__", None))
+    return None
+
+
+def claim_output_holder(holder: keras.layers.Layer, tensor: Any, wrapper_class: type) -> None:
+    """Tell the wrapper (an instance of `wrapper_class`) whose output `tensor` is, directly or through a ReLU or
+    ReLU6 layer, that `holder` quantizes its output, if it names `holder` as its `output_holder` (symbolic tensors
+    only); the wrapper's integer computation then clips as that layer does (`_output_clip`)."""
+    history = getattr(tensor, "_keras_history", None)
+    clip = None
+    if history is not None and _relu_clip(history.operation) is not None:
+        clip = _relu_clip(history.operation)
+        node = history.operation._inbound_nodes[history.node_index]
+        history = getattr(node.input_tensors[0], "_keras_history", None) if len(node.input_tensors) == 1 else None
+    producer = history.operation if history is not None else None
+    if isinstance(producer, wrapper_class) and producer.output_holder == holder.name:
+        producer._output_holder_ref = weakref.ref(holder)
+        producer._output_clip = clip
 
 
 @contextlib.contextmanager
@@ -218,8 +247,13 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
     With `input_holder` (what `quantize_model` sets where `QATConfig.integer_bias` is on) the layer's bias is
     rounded as integer runtimes store it: round(b / s)·s with s = Δ_in·Δ_w, the float32 product of the step of
     that holder's quantizer and the per-output-channel step of the kernel's (`integer_bias`); the gradient passes
-    straight through to the bias. The holder is found by name when the wrapper is called on its output while a
-    model is built (`keras.Model(...)`, loading a `.keras` file, `clone_model`).
+    straight through to the bias. The holder is found by name when the wrapper is called on its output (directly,
+    or through layers that keep its values, `VALUE_PRESERVING_LAYERS`, e.g. Flatten) while a model is built
+    (`keras.Model(...)`, loading a `.keras` file, `clone_model`).
+
+    With `output_holder` too (the holder that quantizes the layer's output, directly or after a ReLU), a Conv2D,
+    DepthwiseConv2D or Dense layer computes in inference as TFLite's int8 kernel does (`integer.integer_forward`:
+    the exact integer accumulator, requantized once); training and calibration keep the float computation.
 
     Args:
         layer: the Keras layer to wrap (built or not).
@@ -228,6 +262,8 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
         input_holder: the name of the `KerasActivationQuantizationHolder` whose output the layer reads, to round
             the bias on its grid; None keeps the float bias. Needs a quantizer of "kernel" quantized per output
             channel (or per tensor).
+        output_holder: the name of the `KerasActivationQuantizationHolder` that quantizes the layer's output
+            (found when it is called on that output, or on a ReLU of it); None keeps the float computation.
         **kwargs: Keras layer arguments (`name` defaults to "quant_" + the layer's name).
 
     Example:
@@ -243,24 +279,26 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
         layer: keras.layers.Layer,
         weights_quantizers: Mapping[str, Any],
         input_holder: str | None = None,
+        output_holder: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(layer, weights_quantizers, **kwargs)
-        if input_holder is not None:
-            if not isinstance(input_holder, str) or not input_holder:
+        for argument, value in (("input_holder", input_holder), ("output_holder", output_holder)):
+            if value is not None and (not isinstance(value, str) or not value):
                 raise QuantizationConfigError(
-                    "input_holder must be None or the name of a KerasActivationQuantizationHolder, got "
-                    f"{input_holder!r}"
+                    f"{argument} must be None or the name of a KerasActivationQuantizationHolder, got {value!r}"
                 )
-            if "kernel" not in self.weights_quantizers:
-                raise QuantizationConfigError(
-                    f"input_holder={input_holder!r} rounds the bias on the grid of the input's and the kernel's steps, "
-                    f"but layer {layer.name!r} has no 'kernel' quantizer (weights_quantizers: "
-                    f"{sorted(self.weights_quantizers)})"
-                )
+        if input_holder is not None and "kernel" not in self.weights_quantizers:
+            raise QuantizationConfigError(
+                f"input_holder={input_holder!r} rounds the bias on the grid of the input's and the kernel's steps, "
+                f"but layer {layer.name!r} has no 'kernel' quantizer (weights_quantizers: "
+                f"{sorted(self.weights_quantizers)})"
+            )
         self.input_holder = input_holder
-        # weakref.ref to the holder once found: a plain attribute would make Keras track it as a sublayer.
+        self.output_holder = output_holder
+        # weakref.ref to the holders once found: a plain attribute would make Keras track them as sublayers.
         self._input_holder_ref: Callable[[], Any] | None = None
+        self._output_holder_ref: Callable[[], Any] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.input_holder is not None and args:
@@ -335,10 +373,31 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
             bias = self.integer_bias() if self._bias is not None else None
             if bias is not None:
                 substitutes.append((self._bias, bias))
+            if not training and not args and not kwargs:
+                integer = self._integer_output(inputs, substitutes, bias)
+                if integer is not None:
+                    return integer
         outputs, losses = call_with_weights(self.layer, substitutes, (inputs, *args), kwargs)
         if losses:
             self.add_loss(losses)
         return outputs
+
+    def _integer_output(self, inputs: Any, substitutes: list, bias: Any) -> Any:
+        """The layer's output computed as TFLite's int8 kernel does (`integer.integer_forward`), or None where the
+        float computation runs: no holders on both sides, a layer or quantizer without an integer grid, or holders
+        that are disabled or being calibrated (which must see the float values)."""
+        holders = [ref() if ref is not None else None for ref in (self._input_holder_ref, self._output_holder_ref)]
+        if any(h is None or not h._enabled or h._observer is not None for h in holders):
+            return None
+        kernel_quantizer = self.weights_quantizers.get("kernel")
+        if not integer_kernel_applies(self.layer) or kernel_quantizer is None:
+            return None
+        grids = [trainable_grid(q) for q in (holders[0].activation_quantizer, kernel_quantizer,
+                                            holders[1].activation_quantizer)]
+        kernel = next((value for variable, value in substitutes if variable is self.layer.kernel), None)
+        if any(g is None for g in grids) or kernel is None or (self.layer.use_bias and bias is None):
+            return None
+        return integer_forward(self.layer, inputs, kernel, bias, *grids, getattr(self, "_output_clip", None))
 
     def compute_output_spec(self, inputs: Any, *args: Any, training: bool | None = None, **kwargs: Any) -> Any:
         return self.layer.compute_output_spec(inputs, *args, **kwargs)
@@ -353,6 +412,7 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
             name: keras.saving.serialize_keras_object(q) for name, q in self.weights_quantizers.items()
         }
         config["input_holder"] = self.input_holder
+        config["output_holder"] = self.output_holder
         return config
 
     @classmethod
@@ -395,6 +455,10 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
         # Set by `calibrate` and `quantization_report` for the eager calls they make: a function of the input
         # that returns the holder's output, to observe what reaches the holder (or let it pass unquantized).
         self._observer: Callable[[Any], Any] | None = None
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        claim_output_holder(self, inputs, KerasTrainableQuantizationWrapper)
+        return super().__call__(inputs, *args, **kwargs)
 
     def build(self, input_shape: Any) -> None:
         if self._enabled:

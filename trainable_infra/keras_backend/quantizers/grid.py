@@ -102,9 +102,13 @@ class SymmetricGrid(_Grid):
 
     def grid_step(self) -> tf.Tensor:
         """The grid step Δ the fused op uses now: a float32 scalar, or a C-length vector per channel."""
+        return op_step(*self.op_range(), self.params.n_bits)
+
+    def op_range(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """The (min, max) the fused op runs on now (float32, per channel or scalar)."""
         p = self.params
         t = effective_threshold(tf.convert_to_tensor(self.threshold), p.min_threshold, p.power_of_two)
-        return op_step(*symmetric_range(t, p.n_bits, p.signed), p.n_bits)
+        return symmetric_range(t, p.n_bits, p.signed)
 
     def current_threshold(self) -> list[float]:
         """The threshold the grid uses now (clamped, power-of-two rounded), as the inferable quantizer takes it."""
@@ -152,7 +156,11 @@ class UniformGrid(_Grid):
 
     def grid_step(self) -> tf.Tensor:
         """The grid step Δ the fused op uses now: a float32 scalar, or a C-length vector per channel."""
-        return op_step(*uniform_range(*self._effective_range(), self.params.n_bits), self.params.n_bits)
+        return op_step(*self.op_range(), self.params.n_bits)
+
+    def op_range(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """The (min, max) the fused op runs on now (float32, per channel or scalar)."""
+        return uniform_range(*self._effective_range(), self.params.n_bits)
 
     def current_range(self) -> tuple[list[float], list[float]]:
         """The range the grid is built from now (a collapsed one held at min_threshold wide), as lists with
