@@ -6,7 +6,6 @@ TensorFlow tensors and run unchanged inside these Keras 3 layers.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +23,6 @@ from trainable_infra.keras_backend.wrappers import (
     call_with_weights,
     claim_output_holder,
     layer_variable,
-    producing_holder,
 )
 
 
@@ -88,24 +86,7 @@ class KerasInferableQuantizationWrapper(WeightsWrapperBase):
         output_holder: str | None = None,
         **kwargs: Any,
     ):
-        super().__init__(layer, weights_quantizers, **kwargs)
-        for argument, value in (("input_holder", input_holder), ("output_holder", output_holder)):
-            if value is not None and (not isinstance(value, str) or not value):
-                raise QuantizationConfigError(
-                    f"{argument} must be None or the name of a KerasInferableActivationQuantizationHolder, got "
-                    f"{value!r}"
-                )
-        self.input_holder = input_holder
-        self.output_holder = output_holder
-        self._input_holder_ref: Any = None  # weakref.ref, found while the model is built
-        self._output_holder_ref: Any = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.input_holder is not None and args:
-            producer = producing_holder(args[0], KerasInferableActivationQuantizationHolder)
-            if producer is not None and producer.name == self.input_holder:
-                self._input_holder_ref = weakref.ref(producer)
-        return super().__call__(*args, **kwargs)
+        super().__init__(layer, weights_quantizers, input_holder, output_holder, **kwargs)
 
     def build(self, input_shape: Any) -> None:
         if not self.layer.built:
@@ -202,3 +183,7 @@ class KerasInferableActivationQuantizationHolder(keras.layers.Layer):
         config = dict(config)
         quantizer = deserialize_inferable(config.pop("activation_quantizer"))
         return cls(quantizer, **config)
+
+
+# Set here: the holder class is defined after the wrapper that reads its output.
+KerasInferableQuantizationWrapper.holder_class = KerasInferableActivationQuantizationHolder

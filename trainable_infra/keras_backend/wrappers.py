@@ -219,8 +219,21 @@ class WeightsWrapperBase(keras.layers.Layer):
 
     quantizer_base: ClassVar[type]
     quantizer_kind: ClassVar[str]
+    # The holder class whose output the wrapper reads (None: KerasActivationQuantizationHolder).
+    holder_class: ClassVar[type | None] = None
 
-    def __init__(self, layer: keras.layers.Layer, weights_quantizers: Mapping[str, Any], **kwargs: Any):
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        weights_quantizers: Mapping[str, Any],
+        input_holder: str | None = None,
+        output_holder: str | None = None,
+        **kwargs: Any,
+    ):
+        holder_kind = (self.holder_class or KerasActivationQuantizationHolder).__name__
+        for argument, value in (("input_holder", input_holder), ("output_holder", output_holder)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise QuantizationConfigError(f"{argument} must be None or the name of a {holder_kind}, got {value!r}")
         check_layer(layer)
         quantizers = check_weights_quantizers(weights_quantizers, self.quantizer_base, self.quantizer_kind)
         kwargs.setdefault("name", f"quant_{layer.name}")
@@ -234,6 +247,18 @@ class WeightsWrapperBase(keras.layers.Layer):
         if layer.built:
             for name in quantizers:
                 layer_variable(layer, name, "weights_quantizers")
+        self.input_holder = input_holder
+        self.output_holder = output_holder
+        # weakref.ref to the holders once found: a plain attribute would make Keras track them as sublayers.
+        self._input_holder_ref: Callable[[], Any] | None = None
+        self._output_holder_ref: Callable[[], Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.input_holder is not None and args:
+            producer = producing_holder(args[0], self.holder_class)  # a model being built records producers
+            if producer is not None and producer.name == self.input_holder:
+                self._input_holder_ref = weakref.ref(producer)
+        return super().__call__(*args, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -282,30 +307,13 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
         output_holder: str | None = None,
         **kwargs: Any,
     ):
-        super().__init__(layer, weights_quantizers, **kwargs)
-        for argument, value in (("input_holder", input_holder), ("output_holder", output_holder)):
-            if value is not None and (not isinstance(value, str) or not value):
-                raise QuantizationConfigError(
-                    f"{argument} must be None or the name of a KerasActivationQuantizationHolder, got {value!r}"
-                )
+        super().__init__(layer, weights_quantizers, input_holder, output_holder, **kwargs)
         if input_holder is not None and "kernel" not in self.weights_quantizers:
             raise QuantizationConfigError(
                 f"input_holder={input_holder!r} rounds the bias on the grid of the input's and the kernel's steps, "
                 f"but layer {layer.name!r} has no 'kernel' quantizer (weights_quantizers: "
                 f"{sorted(self.weights_quantizers)})"
             )
-        self.input_holder = input_holder
-        self.output_holder = output_holder
-        # weakref.ref to the holders once found: a plain attribute would make Keras track them as sublayers.
-        self._input_holder_ref: Callable[[], Any] | None = None
-        self._output_holder_ref: Callable[[], Any] | None = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.input_holder is not None and args:
-            producer = producing_holder(args[0])  # symbolic tensors (a model being built) record their producers
-            if producer is not None and producer.name == self.input_holder:
-                self._input_holder_ref = weakref.ref(producer)
-        return super().__call__(*args, **kwargs)
 
     def build(self, input_shape: Any) -> None:
         if not self.layer.built:
