@@ -150,7 +150,6 @@ class QCDQWeight:
     (int8 / uint8, as onnxruntime's `quantize_static` writes them) behind a DequantizeLinear."""
 
     def __init__(self, quantizer: Any, weight: torch.Tensor, where: str):
-        self.quantizer = quantizer
         self.grid = qcdq_grid(quantizer, where)
         with torch.no_grad():
             quantized = quantizer(weight.detach())
