@@ -111,7 +111,8 @@ class Coverage:
 
     def format(self, max_rows: int = 20) -> str:
         """A summary: the quantized share, the float operations (largest first) and the float layers."""
-        lines = [f"quantized MACs: {self.quantized_share:.2%} ({self.quantized_macs:,} of {self.total_macs:,} per batch)"]
+        share = f"{self.quantized_share:.2%} ({self.quantized_macs:,} of {self.total_macs:,} per batch)"
+        lines = [f"quantized MACs: {share}"]
         unquantized = sorted((row for row in self.rows if not row.quantized), key=lambda row: -row.macs)
         for row in unquantized[:max_rows]:
             operands = "weights" if row.weights_quantized is False else ""
