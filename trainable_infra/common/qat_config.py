@@ -205,6 +205,9 @@ class QATConfig:
             8 bits), round its bias to int32 on the grid Δ_in·Δ_w (per output channel) in the forward pass
             (straight-through gradient), as onnxruntime, TensorRT and TFLite store it, and quantize the input of
             every quantized layer; in eval mode the model then computes as the runtime's integer kernels do.
+        quantize_matmul_inputs: give both inputs of a product of two activations (matrix products, batched
+            matrix products, einsums and attention: `q @ k^T`, `attn @ v`) an activation quantizer, as integer
+            runtimes need; an override with `skip=True` on the product's name leaves one product in float.
 
     Example:
         >>> config = QATConfig(weight_n_bits=4, overrides={"classifier*": {"weight_n_bits": 8}})
@@ -227,6 +230,7 @@ class QATConfig:
     overrides: tuple[LayerOverride, ...] = ()
     fold_batch_norm: bool = True
     integer_bias: bool = True
+    quantize_matmul_inputs: bool = True
 
     def __post_init__(self) -> None:
         for field in _OVERRIDABLE:
@@ -239,6 +243,8 @@ class QATConfig:
         object.__setattr__(self, "overrides", _check_overrides(self.overrides))
         object.__setattr__(self, "fold_batch_norm", check_bool("fold_batch_norm", self.fold_batch_norm))
         object.__setattr__(self, "integer_bias", check_bool("integer_bias", self.integer_bias))
+        object.__setattr__(
+            self, "quantize_matmul_inputs", check_bool("quantize_matmul_inputs", self.quantize_matmul_inputs))
 
     def for_layer(self, name: str) -> LayerSettings:
         """The settings of the layer called `name`, with every matching override applied in order."""
@@ -264,6 +270,7 @@ class QATConfig:
             overrides=[o.to_dict() for o in self.overrides],
             fold_batch_norm=self.fold_batch_norm,
             integer_bias=self.integer_bias,
+            quantize_matmul_inputs=self.quantize_matmul_inputs,
         )
         return result
 
