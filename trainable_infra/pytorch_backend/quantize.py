@@ -39,9 +39,11 @@ from trainable_infra.common.model_plan import (
 )
 from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
+from trainable_infra.pytorch_backend.attention import QuantizableMultiheadAttention, batch_first, decompose_attention
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
 from trainable_infra.pytorch_backend.calibrate import calibrate, check_data, check_model
 from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerMerge, is_global_average_pool
+from trainable_infra.pytorch_backend.tracing import UntraceableError, trace_model
 from trainable_infra.pytorch_backend.training import save_switches_in_state_dict
 from trainable_infra.pytorch_backend.wrappers import (
     PytorchTrainableActivationQuantizationHolder,
@@ -80,7 +82,7 @@ _VALUE_PRESERVING_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, F.max_pool1d,
     F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.chunk, torch.split, torch.narrow,
-    operator.getitem,
+    operator.getitem, F.dropout, batch_first,
 }
 _AVERAGING_MODULES = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -89,6 +91,16 @@ _AVERAGING_FUNCTIONS = {
     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     torch.mean,
 }
+# Outputs that are probabilities: never negative (the holder of an attention product's input is unsigned).
+_PROBABILITY_FUNCTIONS = {torch.softmax, F.softmax}
+# Products of two activations: {function or method: the argument positions of its two (or three) operands}.
+_PRODUCT_FUNCTIONS = {
+    torch.matmul: (0, 1), operator.matmul: (0, 1), torch.bmm: (0, 1), torch.baddbmm: (1, 2),
+    F.scaled_dot_product_attention: (0, 1, 2),
+}
+_PRODUCT_METHODS = {"matmul": (0, 1), "bmm": (0, 1), "baddbmm": (1, 2)}
+# Layers called functionally with a weight: F.linear(x, self.qkv.weight, self.qkv.bias).
+_FUNCTIONAL_LAYERS = {F.linear, F.conv1d, F.conv2d, F.conv3d}
 # Functional ops whose outputs are quantized (they are where residual branches and concatenations meet).
 _MERGE_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat}
 _MERGE_METHODS = {"add", "add_"}
@@ -167,10 +179,10 @@ def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 def _is_non_negative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), _NON_NEGATIVE_MODULES)
+        return isinstance(modules.get(node.target), (*_NON_NEGATIVE_MODULES, nn.Softmax))
     if node.op == "call_function":
-        return node.target in _NON_NEGATIVE_FUNCTIONS
-    return node.op == "call_method" and node.target in _NON_NEGATIVE_METHODS
+        return node.target in _NON_NEGATIVE_FUNCTIONS or node.target in _PROBABILITY_FUNCTIONS
+    return node.op == "call_method" and node.target in (*_NON_NEGATIVE_METHODS, "softmax")
 
 
 def _is_merge(node: fx.Node) -> bool:
@@ -374,6 +386,7 @@ def _quantize_layer_inputs(
                 holder = make_holder(settings, config, default_activation_params(
                     settings.activation_quantization_method, signed))
             gm.add_submodule(name, holder)
+            modules[name] = holder
             with gm.graph.inserting_after(source):
                 new = gm.graph.call_module(name, (source,))
             source.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
@@ -468,6 +481,143 @@ def _integer_average_pools(gm: fx.GraphModule) -> None:
         modules = dict(gm.named_modules())
 
 
+# --- weights used functionally and products of activations -------------------------------------------------
+
+
+def quantized_weight(wrapper: nn.Module, name: str) -> torch.Tensor:
+    """The quantized weight `name` of a weights wrapper (trainable, or converted by `convert_to_inferable`)."""
+    return wrapper.get_quantized_weights()[name]
+
+
+def wrapped_parameter(wrapper: nn.Module, name: str) -> torch.Tensor:
+    """The parameter `name` of the layer inside a weights wrapper (trainable: `.module`; converted: `.layer`)."""
+    return getattr(wrapper.module if isinstance(wrapper, PytorchTrainableQuantizationWrapper) else wrapper.layer, name)
+
+
+def _functional_weight_owner(node: Any, modules: dict[str, nn.Module]) -> str | None:
+    """The name of the wrapper whose quantized weight `node` reads (a `quantized_weight` call), if any."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is quantized_weight:
+        return node.args[0].target
+    return None
+
+
+def _is_functional_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `node` is `F.linear` / `F.conv*d` with the quantized weight of a wrapped layer."""
+    return (
+        node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS and len(node.args) > 1
+        and _functional_weight_owner(node.args[1], modules) is not None
+    )
+
+
+def _quantize_functional_weights(gm: fx.GraphModule, config: QATConfig) -> None:
+    """Quantize the weights of layers that forward reads directly (`F.linear(x, self.qkv.weight, self.qkv.bias)`):
+    the layer is wrapped (if no call of it was) and each read of its weight becomes the wrapper's quantized weight;
+    reads of its other parameters go through the wrapper."""
+    modules = dict(gm.named_modules())
+    layer_types = _layer_types(config)
+    references: dict[str, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        owner_name, _, attribute = node.target.rpartition(".")
+        owner = modules.get(owner_name) if owner_name else None
+        if not isinstance(owner, PytorchTrainableQuantizationWrapper):
+            if not isinstance(owner, layer_types) or attribute != "weight" or config.for_layer(owner_name).skip:
+                continue
+            settings = config.for_layer(owner_name)
+            with naming_layer(owner_name):
+                owner = make_wrapper(owner, settings, config)
+            _set_submodule(gm, owner_name, owner)
+            modules = dict(gm.named_modules())
+        if owner_name not in references:
+            with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")):
+                references[owner_name] = gm.graph.get_attr(owner_name)
+        function = quantized_weight if attribute in owner.weights_quantizers else wrapped_parameter
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(function, (references[owner_name], attribute))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def _product_operands(node: fx.Node, modules: dict[str, nn.Module]) -> list[Any]:
+    """The activation operands of a product of activations, or the input of a functional layer; [] otherwise."""
+    if node.op == "call_function" and node.target is torch.einsum:
+        operands = node.args[1:]
+        return list(operands[0]) if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else list(operands)
+    if node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS:
+        positions = _PRODUCT_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in _PRODUCT_METHODS:
+        positions = _PRODUCT_METHODS[node.target]
+    elif _is_functional_layer(node, modules):
+        positions = (0,)
+    else:
+        return []
+    return [node.args[i] for i in positions if i < len(node.args)]
+
+
+def _quantize_products(
+    gm: fx.GraphModule, config: QATConfig, holders: dict[str, tuple[LayerSettings, bool]], taken: set[str]
+) -> None:
+    """Give each operand of a product of two activations (and the input of each functionally called quantized
+    layer) an activation quantizer, unless its values already come from one (through reshapes and max pools).
+
+    Operands read from parameters or buffers are left alone; an override with `skip=True` on the product's node
+    name leaves that product in float.
+    """
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        operands = _product_operands(node, modules)
+        if not operands or config.for_layer(node.name).skip:
+            continue
+        functional_layer = _is_functional_layer(node, modules)
+        if not functional_layer and not config.quantize_matmul_inputs:
+            continue
+        settings = config.for_layer(node.name)
+        for index, operand in enumerate(operands):
+            source = _grid_source(operand, modules)
+            if not isinstance(source, fx.Node) or source.op in ("get_attr", "placeholder"):
+                continue
+            if source.op == "call_module" and isinstance(
+                    modules.get(source.target), PytorchTrainableActivationQuantizationHolder):
+                continue
+            origin = _grid_source(operand, modules, through_averages=True)
+            signed = not (
+                isinstance(origin, fx.Node)
+                and (_is_non_negative(origin, modules) or not holders.get(origin.target, (None, True))[1])
+            )
+            name = holder_name(f"{node.name}_input" if functional_layer else f"{node.name}_input{index}", taken)
+            with naming_layer(node.name):
+                holder = make_holder(settings, config, default_activation_params(
+                    settings.activation_quantization_method, signed))
+            gm.add_submodule(name, holder)
+            modules[name] = holder
+            with gm.graph.inserting_after(source):
+                new = gm.graph.call_module(name, (source,))
+            source.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+            holders[name] = (settings, signed)
+
+
+def _quantize_leaves(gm: fx.GraphModule, leaves: list[str], config: QATConfig) -> list[str]:
+    """Wrap the weights of the layers inside modules kept whole by the tracer (their inputs and outputs are not
+    quantized); returns the names of the wrapped layers."""
+    layer_types = _layer_types(config)
+    wrapped = []
+    for leaf in leaves:
+        try:
+            module = gm.get_submodule(leaf)
+        except AttributeError:
+            continue  # not used by the graph
+        for name, layer in list(module.named_modules()):
+            full = f"{leaf}.{name}" if name else leaf
+            if not isinstance(layer, layer_types) or config.for_layer(full).skip or not name:
+                continue
+            with naming_layer(full):
+                _set_submodule(gm, full, make_wrapper(layer, config.for_layer(full), config))
+            wrapped.append(full)
+    return wrapped
+
+
 def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[LayerSettings, bool]]:
     """Wrap layers and insert holders in a traced model; returns {holder name: (settings, signed)}."""
     modules = dict(gm.named_modules())
@@ -492,6 +642,11 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
             outputs.append((_chain_end(node, modules, through_batch_norm=True), node.target))
         elif _is_merge(node):
             outputs.append((_chain_end(node, modules, through_batch_norm=False), node.name))
+    _quantize_functional_weights(gm, config)
+    modules = dict(gm.named_modules())
+    for node in graph.nodes:
+        if _is_functional_layer(node, modules):
+            outputs.append((_chain_end(node, modules, through_batch_norm=False), node.name))
 
     holders: dict[str, tuple[LayerSettings, bool]] = {}
     if not config.quantize_activations:
@@ -513,6 +668,7 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
             holder = graph.call_module(name, (end,))
         end.replace_all_uses_with(holder, delete_user_cb=lambda user, holder=holder: user is not holder)
         holders[name] = (settings, signed)
+    _quantize_products(gm, config, holders, taken)
     if config.integer_bias:
         _quantize_layer_inputs(gm, config, holders, taken)
         _integer_average_pools(gm)
@@ -592,15 +748,24 @@ def quantize_model(
             "pass the float model"
         )
     qat_model = copy.deepcopy(model)
+    if isinstance(qat_model, nn.MultiheadAttention):
+        qat_model = QuantizableMultiheadAttention.from_float(qat_model) or qat_model
+    decompose_attention(qat_model)
     try:
-        traced = fx.symbolic_trace(qat_model)
-    except Exception as exc:  # torch.fx raises many kinds; any of them means the model cannot be traced
-        holders = _quantize_modules(qat_model, config, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        traced, leaves = trace_model(qat_model)
+    except UntraceableError as exc:
+        holders = _quantize_modules(qat_model, config, str(exc))
     else:
         traced.train(model.training)
         qat_model = traced
         holders = _quantize_graph(qat_model, config)
+        wrapped = _quantize_leaves(qat_model, leaves, config)
         qat_model.recompile()
+        if wrapped:
+            warnings.warn(
+                f"{', '.join(leaves)} of {type(model).__name__} could not be traced in both modes alike (their forward "
+                f"branches on self.training or on values): kept whole, with the weights of {', '.join(wrapped)} "
+                "quantized; their inputs and outputs are not", stacklevel=2)
     # Holders are built on the CPU: give their variables the model's device.
     device = next((p.device for p in model.parameters()), None)
     if device is not None:

@@ -191,6 +191,11 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         w_step = self.weights_quantizers["weight"].grid()[0]
         return x_step, w_step, x_step * w_step
 
+    def get_quantized_weights(self) -> dict[str, torch.Tensor]:
+        """{attribute: fake-quantized weight}, as this wrapper's forward uses them in its current mode."""
+        module, training = self.module, self.training
+        return {name: quantizer(getattr(module, name), training) for name, quantizer in self.weights_quantizers.items()}
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Quantize the weights, then run the wrapped module with them."""
         module = self.module
