@@ -25,7 +25,7 @@ from trainable_infra.pytorch_backend.quantizers import (
     STEUniformActivationQuantizer,
     STEUniformWeightQuantizer,
 )
-from trainable_infra.pytorch_backend.report import quantization_report
+from trainable_infra.pytorch_backend.report import quantization_coverage, quantization_report
 from trainable_infra.pytorch_backend.training import (
     freeze_bn_stats,
     freeze_quantizers,
@@ -57,6 +57,7 @@ __all__ = [
     "export_onnx",
     "freeze_bn_stats",
     "freeze_quantizers",
+    "quantization_coverage",
     "quantization_report",
     "quantize_model",
     "unfreeze_bn_stats",

@@ -140,11 +140,12 @@ def _follow_mode(gm: fx.GraphModule, differences: list[tuple[fx.Node, tuple, Any
     """Make each mode-dependent constant of `gm`'s graph a `by_mode` read of the flag of the module it belongs to."""
     flags: dict[str, fx.Node] = {}
     for node, path, train_value, eval_value in differences:
-        owner = _innermost(node.meta.get("nn_module_stack"))
-        if owner is None:
-            owner = "training_mode"
-            if not hasattr(gm, owner):
-                gm.add_submodule(owner, ModeFlag())
+        owner = _innermost(node.meta.get("nn_module_stack")) or "training_mode"
+        try:
+            gm.get_submodule(owner)
+        except AttributeError:
+            # A module traced through is not part of the GraphModule: a flag at its place follows its mode.
+            gm.add_submodule(owner, ModeFlag())
         with gm.graph.inserting_before(node):
             if owner not in flags:
                 flags[owner] = gm.graph.get_attr(owner)
