@@ -43,6 +43,7 @@ from trainable_infra.pytorch_backend.attention import QuantizableMultiheadAttent
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
 from trainable_infra.pytorch_backend.calibrate import calibrate, check_data, check_model
 from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerMerge, is_global_average_pool
+from trainable_infra.pytorch_backend.traceable import traceable_forwards, window_merge, window_partition
 from trainable_infra.pytorch_backend.tracing import UntraceableError, trace_model
 from trainable_infra.pytorch_backend.training import save_switches_in_state_dict
 from trainable_infra.pytorch_backend.wrappers import (
@@ -82,7 +83,7 @@ _VALUE_PRESERVING_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, F.max_pool1d,
     F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.chunk, torch.split, torch.narrow,
-    operator.getitem, F.dropout, batch_first,
+    operator.getitem, F.dropout, batch_first, window_partition, window_merge,
 }
 _AVERAGING_MODULES = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -752,7 +753,8 @@ def quantize_model(
         qat_model = QuantizableMultiheadAttention.from_float(qat_model) or qat_model
     decompose_attention(qat_model)
     try:
-        traced, leaves = trace_model(qat_model)
+        with traceable_forwards(qat_model):
+            traced, leaves = trace_model(qat_model)
     except UntraceableError as exc:
         holders = _quantize_modules(qat_model, config, str(exc))
     else:

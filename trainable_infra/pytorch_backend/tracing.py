@@ -164,7 +164,9 @@ def _keep_owners(gm: fx.GraphModule, model: nn.Module) -> None:
             continue
         owner = node.target.rpartition(".")[0]
         original = model.get_submodule(owner)
-        if type(gm.get_submodule(owner)) is nn.Module and type(original) is not nn.Module:
+        # Only layers without submodules: a container would bring along submodules that the graph does not use.
+        if type(gm.get_submodule(owner)) is nn.Module and type(original) is not nn.Module and not any(
+                original.children()):
             parent, _, child = owner.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, child, original)
 
