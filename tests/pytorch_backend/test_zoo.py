@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +21,13 @@ from torch import nn
 
 from tests.pytorch_backend import zoo
 from trainable_infra import QATConfig
-from trainable_infra import pytorch_backend as tpb
-from trainable_infra.pytorch_backend import convert_to_inferable, export_onnx, quantize_model
+from trainable_infra.pytorch_backend import (
+    PytorchTrainableQuantizationWrapper,
+    convert_to_inferable,
+    export_onnx,
+    quantization_coverage,
+    quantize_model,
+)
 
 W4A8 = QATConfig(weight_n_bits=4, activation_n_bits=8)
 # ONNX ops that draw random numbers: none may be left in a file exported from an eval-mode model.
@@ -35,6 +41,7 @@ class Case:
     random_in_training: bool  # dropout or stochastic depth: two train-mode calls differ
     transformer: bool
     config: QATConfig = W4A8
+    share_gap: str = ""  # why the quantized-MAC share falls short (a known library gap), or ""
 
 
 CASES = {
@@ -49,8 +56,19 @@ CASES = {
     "vit": Case(zoo.TinyViT, (3, 16, 16), True, True),
     "cross_attention": Case(zoo.TinyCrossAttention, (3, 16, 16), False, True),
     "swin": Case(zoo.TinySwin, (3, 16, 16), True, True),
-    "sdpa": Case(zoo.TinySDPATransformer, (3, 16, 16), True, True),
+    "sdpa": Case(zoo.TinySDPATransformer, (3, 16, 16), True, True, share_gap=(
+        "F.scaled_dot_product_attention is kept whole: q, k and v are quantized, but the softmax probabilities "
+        "it forms inside reach its attn @ v product in float (91% of this block's MACs are quantized)")),
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on tensors this small, splitting work across threads costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @dataclass
@@ -61,6 +79,7 @@ class Trained:
     data: list[tuple[torch.Tensor, torch.Tensor]]
     x: torch.Tensor
     eval_output: torch.Tensor
+    warnings: list[str]
 
 
 def with_statistics(model: nn.Module) -> nn.Module:
@@ -89,7 +108,18 @@ def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+# Cases that a library bug breaks from quantize_model on: every test of the case is expected to fail.
+BROKEN = {
+    "swin": "the train- and eval-mode traces name the attention mask's tensor constant differently "
+            "(_tensor_constant0 / _tensor_constant1), so the shifted WindowAttention is kept whole, and wrapping "
+            "its qkv inside it breaks its F.linear(x, self.qkv.weight, self.qkv.bias)",
+}
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason=BROKEN[name])] if name in BROKEN else [])
+    for name in CASES
+])
 def trained(request) -> Trained:
     """The case's float model (in train mode, as built), quantized, trained two steps, and its eval output."""
     case = CASES[request.param]
@@ -97,15 +127,22 @@ def trained(request) -> Trained:
     float_model = with_statistics(case.build())
     assert float_model.training
     data = [(torch.rand(16, *case.input_shape), torch.randint(0, 10, (16,))) for _ in range(2)]
-    qat = quantize_model(float_model, case.config, data, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qat = quantize_model(float_model, case.config, data, progress=False)
     train_steps(qat, data)
     x = torch.rand(8, *case.input_shape)
-    return Trained(case, float_model, qat, data, x, run(qat.eval(), x))
+    return Trained(case, float_model, qat, data, x, run(qat.eval(), x), [str(w.message) for w in caught])
 
 
 @pytest.fixture(scope="module")
 def converted(trained: Trained) -> nn.Module:
     return convert_to_inferable(trained.qat).eval()
+
+
+def test_the_whole_model_is_traced(trained):
+    """No module kept whole, no module-by-module fallback: quantize_model says nothing."""
+    assert trained.warnings == []
 
 
 def test_eval_is_deterministic(trained):
@@ -166,7 +203,7 @@ def quantized_weight_numel(qat: nn.Module) -> int:
     """Elements of the weights that have a weight quantizer in a QAT model."""
     total = 0
     for module in qat.modules():
-        if isinstance(module, tpb.PytorchTrainableQuantizationWrapper):
+        if isinstance(module, PytorchTrainableQuantizationWrapper):
             for attribute in module.weights_quantizers:
                 total += functools.reduce(getattr, attribute.split("."), module.module).numel()
     return total
@@ -176,15 +213,20 @@ def test_every_weight_of_the_arithmetic_is_quantized(trained):
     assert quantized_weight_numel(trained.qat) == weight_numel(trained.float_model)
 
 
-def test_coverage(trained):
-    coverage = tpb.quantization_coverage(trained.qat, trained.x)
+def test_no_convolution_or_linear_map_stays_float(trained):
+    coverage = quantization_coverage(trained.qat, trained.x)
     assert coverage.rows
-    layers = dict(trained.float_model.named_modules())
+    assert all(row.weights_quantized is not False for row in coverage.rows)
+    layers = dict(trained.qat.named_modules())
     float_arithmetic = [name for name in coverage.float_layers
                         if isinstance(layers.get(name), (nn.Conv2d, nn.Linear, nn.MultiheadAttention))]
     assert not float_arithmetic
-    assert all(row.weights_quantized is not False for row in coverage.rows)
-    if trained.case.transformer:
-        assert coverage.quantized_share >= 0.99
-    else:
-        assert coverage.quantized_share == 1.0
+
+
+def test_quantized_mac_share(trained, request):
+    if trained.case.share_gap:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=trained.case.share_gap))
+    share = quantization_coverage(trained.qat, trained.x).quantized_share
+    # Transformers: every linear map and both operands of each attention product; LayerNorm, softmax and GELU are
+    # no multiply-accumulates. The CNN blocks have no product of two activations: all of their MACs are quantized.
+    assert share >= 0.99 if trained.case.transformer else share == 1.0
