@@ -599,26 +599,6 @@ def _quantize_products(
             holders[name] = (settings, signed)
 
 
-def _quantize_leaves(gm: fx.GraphModule, leaves: list[str], config: QATConfig) -> list[str]:
-    """Wrap the weights of the layers inside modules kept whole by the tracer (their inputs and outputs are not
-    quantized); returns the names of the wrapped layers."""
-    layer_types = _layer_types(config)
-    wrapped = []
-    for leaf in leaves:
-        try:
-            module = gm.get_submodule(leaf)
-        except AttributeError:
-            continue  # not used by the graph
-        for name, layer in list(module.named_modules()):
-            full = f"{leaf}.{name}" if name else leaf
-            if not isinstance(layer, layer_types) or config.for_layer(full).skip or not name:
-                continue
-            with naming_layer(full):
-                _set_submodule(gm, full, make_wrapper(layer, config.for_layer(full), config))
-            wrapped.append(full)
-    return wrapped
-
-
 def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[LayerSettings, bool]]:
     """Wrap layers and insert holders in a traced model; returns {holder name: (settings, signed)}."""
     modules = dict(gm.named_modules())
@@ -761,13 +741,15 @@ def quantize_model(
         traced.train(model.training)
         qat_model = traced
         holders = _quantize_graph(qat_model, config)
-        wrapped = _quantize_leaves(qat_model, leaves, config)
         qat_model.recompile()
-        if wrapped:
+        layer_types = _layer_types(config)
+        kept = [name for name in leaves
+                if any(isinstance(m, layer_types) for m in qat_model.get_submodule(name).modules())]
+        if kept:
             warnings.warn(
-                f"{', '.join(leaves)} of {type(model).__name__} could not be traced in both modes alike (their forward "
-                f"branches on self.training or on values): kept whole, with the weights of {', '.join(wrapped)} "
-                "quantized; their inputs and outputs are not", stacklevel=2)
+                f"{', '.join(kept)} of {type(model).__name__} cannot be traced alike in train and eval mode (their "
+                "forward branches on self.training, or on values): they run as they are, and the layers inside them "
+                "stay float (quantization_coverage lists them)", stacklevel=2)
     # Holders are built on the CPU: give their variables the model's device.
     device = next((p.device for p in model.parameters()), None)
     if device is not None:

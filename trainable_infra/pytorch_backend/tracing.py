@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 _MAX_RETRACES = 64
@@ -92,7 +93,22 @@ def _same(a: Any, b: Any, path: tuple, constants: list[tuple[tuple, Any, Any]]) 
     return False
 
 
-def _compare(train: fx.Graph, eval_: fx.Graph) -> tuple[str | None, list[tuple[fx.Node, tuple, Any, Any]]]:
+def _same_constant(model: nn.Module, a: fx.Node, b: fx.Node) -> bool:
+    """Whether two get_attr nodes read tensor constants of equal value (each trace stores its own copy under a new
+    name, `_tensor_constant0`, `_tensor_constant1`, ...)."""
+    if a.op != "get_attr" or b.op != "get_attr":
+        return False
+    x, y = getattr(model, a.target, None), getattr(model, b.target, None)
+    return (
+        a.target.startswith("_tensor_constant") and b.target.startswith("_tensor_constant")
+        and isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
+        and x.shape == y.shape and bool(torch.equal(x, y))
+    )
+
+
+def _compare(
+    model: nn.Module, train: fx.Graph, eval_: fx.Graph
+) -> tuple[str | None, list[tuple[fx.Node, tuple, Any, Any]]]:
     """How two traces of one model differ.
 
     Returns ("", constants) when they have the same structure, with (train-graph node, argument path, train value,
@@ -106,7 +122,8 @@ def _compare(train: fx.Graph, eval_: fx.Graph) -> tuple[str | None, list[tuple[f
         b = eval_nodes[index] if index < len(eval_nodes) else None
         constants: list[tuple[tuple, Any, Any]] = []
         if (
-            a is None or b is None or a.op != b.op or a.target != b.target or a.name != b.name
+            a is None or b is None or a.op != b.op or a.name != b.name
+            or (a.target != b.target and not _same_constant(model, a, b))
             or not _same((a.args, a.kwargs), (b.args, b.kwargs), (), constants)
         ):
             stacks = [n.meta.get("nn_module_stack") for n in (a, b) if n is not None]
@@ -185,7 +202,7 @@ def trace_model(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
             train_graph = _trace_once(model, leaves)
             model.train(False)
             eval_graph = _trace_once(model, leaves)
-            module, differences = _compare(train_graph, eval_graph)
+            module, differences = _compare(model, train_graph, eval_graph)
             if module is None:
                 raise UntraceableError(f"{type(model).__name__}.forward branches on self.training")
             if module == "":
