@@ -8,6 +8,8 @@ which `quantize_model` then quantizes like any other layer (weights) and product
 
 from __future__ import annotations
 
+import math
+import operator
 import warnings
 
 import torch
@@ -38,9 +40,72 @@ def _masked_scores(
     return scores
 
 
+def sdpa_scale(query: torch.Tensor, scale: float | None) -> float:
+    """The scale `F.scaled_dot_product_attention` applies to q @ k^T: `scale`, or 1 / sqrt(head dim)."""
+    return scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+
+
+def sdpa_masked_scores(scores: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Scores with `F.scaled_dot_product_attention`'s masks applied (boolean: True takes part; float: added)."""
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores
+
+
+def attention_dropout(probabilities: torch.Tensor, p: float) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`'s dropout of the attention probabilities (none at p = 0, the eval value)."""
+    return F.dropout(probabilities, p, training=True) if p > 0.0 else probabilities
+
+
 # Shape-dependent code: each is one node of the traced graph.
 fx.wrap("batch_first")
 fx.wrap("_masked_scores")
+_SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def decompose_sdpa(gm: fx.GraphModule) -> int:
+    """Replace, in place, each `F.scaled_dot_product_attention` node of `gm` by its two products and softmax, as
+    torch's reference computes them ((q @ k^T)·scale, masks, softmax, dropout, @ v), so that the probabilities
+    can be quantized too; returns how many were replaced. Calls with `enable_gqa=True` are left whole."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+            continue
+        bound = dict(zip(_SDPA_PARAMETERS, node.args, strict=False))
+        if set(bound) & set(node.kwargs) or set(node.kwargs) - set(_SDPA_PARAMETERS):
+            continue
+        bound = {**_SDPA_DEFAULTS, **bound, **node.kwargs}
+        if bound["enable_gqa"] is not False or isinstance(bound["is_causal"], fx.Node):
+            continue
+        graph = gm.graph
+        with graph.inserting_before(node):
+            key_t = graph.call_method("transpose", (bound["key"], -2, -1))
+            scores = graph.call_function(operator.matmul, (bound["query"], key_t))
+            scale = graph.call_function(sdpa_scale, (bound["query"], bound["scale"]))
+            scores = graph.call_function(operator.mul, (scores, scale))
+            if bound["attn_mask"] is not None or bound["is_causal"]:
+                scores = graph.call_function(sdpa_masked_scores, (scores, bound["attn_mask"], bound["is_causal"]))
+            probabilities = graph.call_function(torch.softmax, (scores, -1))
+            if bound["dropout_p"] != 0.0:
+                probabilities = graph.call_function(attention_dropout, (probabilities, bound["dropout_p"]))
+            output = graph.call_function(operator.matmul, (probabilities, bound["value"]))
+        for new in (key_t, scores, output):
+            new.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
+        node.replace_all_uses_with(output)
+        graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        gm.recompile()
+    return replaced
+
+
+fx.wrap("sdpa_scale")
+fx.wrap("sdpa_masked_scores")
+fx.wrap("attention_dropout")
 
 
 class QuantizableMultiheadAttention(nn.Module):

@@ -39,7 +39,13 @@ from trainable_infra.common.model_plan import (
 )
 from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
-from trainable_infra.pytorch_backend.attention import QuantizableMultiheadAttention, batch_first, decompose_attention
+from trainable_infra.pytorch_backend.attention import (
+    QuantizableMultiheadAttention,
+    attention_dropout,
+    batch_first,
+    decompose_attention,
+    decompose_sdpa,
+)
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
 from trainable_infra.pytorch_backend.calibrate import calibrate, check_data, check_model
 from trainable_infra.pytorch_backend.integer import IntegerGlobalAveragePool, IntegerMerge, is_global_average_pool
@@ -83,7 +89,7 @@ _VALUE_PRESERVING_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, F.max_pool1d,
     F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.chunk, torch.split, torch.narrow,
-    operator.getitem, F.dropout, batch_first, window_partition, window_merge,
+    operator.getitem, F.dropout, batch_first, window_partition, window_merge, attention_dropout,
 }
 _AVERAGING_MODULES = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -612,7 +618,8 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
     outputs: list[tuple[fx.Node, str]] = []  # (node whose output is quantized, name its settings come from)
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     for node in list(graph.nodes):
-        if node.op == "placeholder" and node.users:
+        if node.op == "placeholder" and node.users and not node.args:
+            # (an input with a default value, such as `mask=None`, is an option rather than data: not quantized)
             outputs.append((node, node.name))
         elif node.op == "call_module" and isinstance(modules.get(node.target), layer_types):
             settings = config.for_layer(node.target)
@@ -649,6 +656,8 @@ def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[La
             holder = graph.call_module(name, (end,))
         end.replace_all_uses_with(holder, delete_user_cb=lambda user, holder=holder: user is not holder)
         holders[name] = (settings, signed)
+    if config.quantize_matmul_inputs:
+        decompose_sdpa(gm)
     _quantize_products(gm, config, holders, taken)
     if config.integer_bias:
         _quantize_layer_inputs(gm, config, holders, taken)
