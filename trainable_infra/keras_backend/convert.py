@@ -30,8 +30,8 @@ def inferable_of(quantizer: BaseKerasTrainableQuantizer) -> BaseKerasInferableQu
     return inferable
 
 
-def _inferable_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
-    """The inference counterpart of one layer of the trained model (not yet holding weights)."""
+def _inferable_layer(layer: keras.Operation) -> keras.Operation:
+    """The inference counterpart of one layer or operation of the trained model (not yet holding weights)."""
     try:
         return _make_inferable_layer(layer)
     except Exception as exc:
@@ -41,7 +41,7 @@ def _inferable_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
         raise
 
 
-def _make_inferable_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+def _make_inferable_layer(layer: keras.Operation) -> keras.Operation:
     if isinstance(layer, KerasTrainableQuantizationWrapper):
         quantizers = {
             name: inferable_of(quantizer)
@@ -94,9 +94,12 @@ def convert_to_inferable(model: keras.Model) -> keras.Model:
         )
     pairs: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
 
-    def clone_function(layer: keras.layers.Layer) -> keras.layers.Layer:
+    def clone_function(layer: keras.Operation) -> keras.Operation:
         new = _inferable_layer(layer)
-        pairs.append((layer, new))
+        # clone_model hands over the stateless keras.ops operations of a Functional model too (the `Add` of
+        # `x + 3.0`): they are copied and hold no weights.
+        if isinstance(layer, keras.layers.Layer):
+            pairs.append((layer, new))
         return new
 
     converted = keras.models.clone_model(model, clone_function=clone_function, recursive=True)

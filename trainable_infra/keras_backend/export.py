@@ -240,7 +240,9 @@ def tflite_graph(model: keras.Model) -> keras.Model:
     """
     pairs: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
 
-    def clone_function(layer: keras.layers.Layer) -> keras.layers.Layer:
+    def clone_function(layer: keras.Operation) -> keras.Operation:
+        if not isinstance(layer, keras.layers.Layer):
+            return copy_layer(layer)  # a stateless keras.ops operation (`x + 3.0`): no weights to copy
         if isinstance(layer, KerasInferableActivationQuantizationHolder):
             quantizer = layer.activation_quantizer
             new = _Int8Activation(int8_grid(quantizer, False, f"layer {layer.name!r}"),
@@ -370,10 +372,11 @@ def export_tflite(
     left as it was. `model` is not changed.
 
     The converted model computes its convolutions and dense layers between holders as the interpreter's int8
-    kernels do (`integer.integer_forward`); additions, concatenations and poolings stay float operations in
-    Keras, and a separable convolution stays a float kernel in TFLite (its pointwise input is on no grid), so
-    the outputs can differ by a step where a value falls near a rounding boundary: `report.identical` and
-    `report.argmax_identical` say how much (benchmarks/fidelity.py --backend keras measures it).
+    kernels do (`integer.integer_forward`); additions, concatenations (layers, or `a + b` and `keras.ops.concatenate`
+    between holders' outputs, which the converter writes as the same int8 ADD / CONCATENATION) and poolings stay
+    float operations in Keras, and a separable convolution stays a float kernel in TFLite (its pointwise input is
+    on no grid), so the outputs can differ by a step where a value falls near a rounding boundary: `report.identical`
+    and `report.argmax_identical` say how much (benchmarks/fidelity.py --backend keras measures it).
 
     Args:
         model: a converted Keras model (its quantizers are mct-quantizers Keras inferable quantizers).

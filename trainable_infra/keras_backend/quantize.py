@@ -2,8 +2,10 @@
 
 Kernels of convolutions (plain, depthwise, separable, transposed) and dense layers are wrapped; activation
 holders go on the model inputs, after each quantized layer's activation (its own `activation=`, or through
-BatchNormalization and a following activation layer), and after `Add` and `Concatenate` layers. The layer graph is
-rebuilt with copies of the layers: names and weights are kept, the input model is not touched.
+BatchNormalization and a following activation layer), and after merges: `Add` and `Concatenate` layers and their
+`keras.ops` forms on two or more tensors (`a + b`, `keras.ops.add`, `keras.ops.concatenate`; `x + 3.0` adds a
+constant and is no merge). The layer graph is rebuilt with copies of the layers and of the `keras.ops` operations:
+names and weights are kept, the input model is not touched.
 
 With `QATConfig.fold_batch_norm` (the default) a BatchNormalization that only reads the output of a quantized layer
 is folded into that layer's kernel and bias from its moving statistics and left out of the rebuilt graph, as
@@ -14,8 +16,9 @@ layer, for example; Flatten, Reshape, MaxPooling and ZeroPadding keep a holder's
 its output too, computes in inference as TFLite's int8 kernel does (`output_holder=...`, `integer.py`).
 
 A holder's signedness follows the architecture, not the data (unsigned after relu, relu6, sigmoid and
-hard_sigmoid, signed elsewhere), so a model rebuilt by `quantize_model` from the same float model and config
-always takes the weights of a trained one; representative data sets the thresholds and ranges.
+hard_sigmoid and after a merge whose inputs are all outputs of unsigned holders, signed elsewhere), so a model
+rebuilt by `quantize_model` from the same float model and config always takes the weights of a trained one;
+representative data sets the thresholds and ranges.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import numpy as np
 
 # The class of Functional models; keras.models.clone_model tests for it the same way.
 from keras.src.models.functional import Functional
+from keras.src.ops.numpy import Add as AddOperation
+from keras.src.ops.numpy import Concatenate as ConcatenateOperation
 
 from trainable_infra.common.calibration import (
     default_activation_params,
@@ -84,8 +89,11 @@ _ACTIVATION_LAYERS = (
     keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU,
     keras.layers.Softmax,
 )
-# Layers whose outputs are quantized (they are where residual branches and concatenations meet).
+# Layers whose outputs are quantized (they are where residual branches and concatenations meet), and the operations
+# that `a + b`, `keras.ops.add` and `keras.ops.concatenate` record on symbolic tensors (merges where they read two or
+# more tensors). The operation classes are not exported by Keras; a Functional model's graph holds them as nodes.
 _MERGE_LAYERS = (keras.layers.Add, keras.layers.Concatenate)
+_MERGE_OPERATIONS = (AddOperation, ConcatenateOperation)
 # Averages keep the sign of their input: a holder after one of an unsigned grid is unsigned.
 _AVERAGING_LAYERS = (
     keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, keras.layers.AveragePooling3D,
@@ -125,8 +133,9 @@ def quantized_kernels(layer: keras.layers.Layer, config: QATConfig) -> dict[str,
     return None
 
 
-def copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
-    """A new, unbuilt layer with `layer`'s configuration (weights are copied once it is built)."""
+def copy_layer(layer: keras.Operation) -> keras.Operation:
+    """A new, unbuilt layer with `layer`'s configuration (weights are copied once it is built); for a stateless
+    operation of a Functional model (a `keras.ops` call such as `x + 3.0`), a new operation of the same kind."""
     if isinstance(layer, keras.layers.Lambda):
         # Cloning, not loading: the function is already in this process (a model loaded in safe mode holds no
         # Python lambda), so rebuilding it runs no code from a file; safe mode would refuse any lambda.
@@ -360,13 +369,19 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
     calls_of = Counter(id(c.layer) for c in graph.calls)
     plan = _Plan({}, {})
     wrappers = plan.wrappers
-    # (tensor key, its producer (None for an input), the name its settings come from)
-    points: list[tuple[Hashable, Any, str]] = [
-        (key, None, input_name(tensor)) for key, tensor in graph.inputs
+    # (tensor key, its producer (None for an input), the name its settings come from, the keys a merge reads)
+    points: list[tuple[Hashable, Any, str, list[Hashable]]] = [
+        (key, None, input_name(tensor), []) for key, tensor in graph.inputs
         if key in consumers and keras.backend.is_float_dtype(tensor.dtype)
     ]
     for call in graph.calls:
         layer = call.layer
+        if _is_merge(call):
+            key, end = _chain_end(call, graph, consumers, through_batch_norm=False)
+            # Where an activation follows the merge, it decides the sign (log_softmax of sums of unsigned values
+            # is negative).
+            points.append((key, end, layer.name, call.inputs if end is layer else []))
+            continue
         if not isinstance(layer, keras.layers.Layer):
             continue
         kernels = quantized_kernels(layer, config)
@@ -382,9 +397,7 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
                         plan.folded[bn.name] = layer.name
                         plan.removed.add(id(bn))
                     wrappers[id(layer)] = make_wrapper(layer, kernels, settings, config, plan.weights.get(id(layer)))
-            points.append((*_chain_end(call, graph, consumers, through_batch_norm=True), layer.name))
-        elif isinstance(layer, _MERGE_LAYERS):
-            points.append((*_chain_end(call, graph, consumers, through_batch_norm=False), layer.name))
+            points.append((*_chain_end(call, graph, consumers, through_batch_norm=True), layer.name, []))
         elif isinstance(layer, keras.Model):
             warnings.warn(
                 f"{model.name!r} contains the model {layer.name!r}, which is kept in float: quantize_model quantizes "
@@ -396,12 +409,13 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
     if not config.quantize_activations:
         return plan
     taken = set(names)
-    for key, producer, base in points:
+    producers = {key: call for call in graph.calls for key in call.outputs}
+    for key, producer, base, merged in points:
         settings = config.for_layer(base)
         if key in holders or settings.skip:
             continue
         activation = _activation_name(producer) if producer is not None else None
-        signed = activation not in NON_NEGATIVE_ACTIVATIONS
+        signed = activation not in NON_NEGATIVE_ACTIVATIONS and not _merges_non_negative(merged, plan, producers)
         params = default_activation_params(settings.activation_quantization_method, signed)
         with naming_layer(base):
             holders[key] = make_holder(settings, config, params, holder_name(base, taken))
@@ -410,6 +424,27 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
         _plan_input_holders(graph, plan, config, calls_of, taken)
         _plan_integer_bias(graph, plan, calls_of)
     return plan
+
+
+def _is_merge(call: _Call) -> bool:
+    """Whether `call` adds or concatenates tensors: an `Add` or `Concatenate` layer, or the `keras.ops` form of one
+    (`a + b`, `keras.ops.add`, `keras.ops.concatenate`) that reads two or more tensors, as `layers.Add` does."""
+    if isinstance(call.layer, _MERGE_LAYERS):
+        return True
+    return isinstance(call.layer, _MERGE_OPERATIONS) and len(call.inputs) >= 2
+
+
+def _merges_non_negative(merged: list[Hashable], plan: _Plan, producers: dict[Hashable, _Call]) -> bool:
+    """Whether a merge reads only outputs of unsigned holders (directly or through `VALUE_PRESERVING_LAYERS`), so
+    that its own output is never negative.
+
+    Its holder is then unsigned too, as in the PyTorch backend: a signed one would spend a bit on negatives, and its
+    step would be twice the step of an input with the same threshold, which puts half of that input's values on
+    rounding ties.
+    """
+    if not merged:
+        return False
+    return all(plan.signed.get(_grid_source(key, producers)) is False for key in merged)
 
 
 def _has_grid_step(quantizer: Any) -> bool:
@@ -496,7 +531,11 @@ def _rebuild(model: keras.Model, graph: _Graph, plan: _Plan) -> tuple[keras.Mode
 
     def new_layer(layer: Any) -> Any:
         if not isinstance(layer, keras.layers.Layer):
-            return layer  # a stateless operation
+            # A stateless keras.ops operation (`x + 3.0`): copied, so that the float model's operations get no nodes
+            # of the QAT model; it has no weights to copy.
+            if id(layer) not in copies:
+                copies[id(layer)] = copy_layer(layer)
+            return copies[id(layer)]
         if id(layer) not in copies:
             wrapper = plan.wrappers.get(id(layer))
             if wrapper is not None:
