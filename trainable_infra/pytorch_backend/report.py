@@ -138,6 +138,18 @@ def _einsum_macs(equation: str, operands: list[torch.Tensor]) -> int:
     return math.prod(sizes.values())
 
 
+def _multi_head_attention_macs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias_kv: bool, zero_attention: bool
+) -> int:
+    """Multiply-accumulates of `F.multi_head_attention_forward` on (L, [N,] E) inputs: projections and products."""
+    embed = query.shape[-1]
+    queries = query.numel() // embed
+    keys = key.numel() // key.shape[-1]
+    sources = key.shape[0] + int(bias_kv) + int(zero_attention)
+    projections = queries * embed * embed * 2 + keys * embed * (key.shape[-1] + value.shape[-1])
+    return projections + 2 * queries * sources * embed
+
+
 def _function_macs(function: Any, args: tuple, kwargs: dict, output: Any) -> list[tuple[int, list[int]]]:
     """[(MACs, positions of the operands)] of a call of a multiply-accumulate function; [] for other functions."""
     if function is F.linear:
@@ -154,6 +166,8 @@ def _function_macs(function: Any, args: tuple, kwargs: dict, output: Any) -> lis
         operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
         if len(operands) == 2:
             return [(_einsum_macs(args[0], operands), [1, 2])]
+    if function is F.multi_head_attention_forward:
+        return [(_multi_head_attention_macs(*args[:3], args[7] is not None, args[9]), [])]
     if function is F.scaled_dot_product_attention:
         q, k, v = args[:3]
         queries = output.numel() // v.shape[-1]

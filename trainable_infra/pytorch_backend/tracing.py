@@ -106,14 +106,20 @@ def _same_constant(model: nn.Module, a: fx.Node, b: fx.Node) -> bool:
     )
 
 
+def _stack_names(node: fx.Node | None) -> list[str]:
+    """The qualified names of the non-root modules whose forward produced `node`, outermost first."""
+    stack = node.meta.get("nn_module_stack") if node is not None else None
+    return [name for name, _ in (stack or {}).values() if name]
+
+
 def _compare(
     model: nn.Module, train: fx.Graph, eval_: fx.Graph
-) -> tuple[str | None, list[tuple[fx.Node, tuple, Any, Any]]]:
+) -> tuple[list[str] | None, list[tuple[fx.Node, tuple, Any, Any]]]:
     """How two traces of one model differ.
 
-    Returns ("", constants) when they have the same structure, with (train-graph node, argument path, train value,
-    eval value) for each constant that differs; (module name, []) when they differ in structure inside that
-    submodule; (None, []) when they differ in the model's own forward.
+    Returns (None, constants) when they have the same structure, with (train-graph node, argument path, train
+    value, eval value) for each constant that differs; else (modules, []) with the submodules that the first
+    difference lies in, innermost first (empty when it lies in the model's own forward).
     """
     train_nodes, eval_nodes = list(train.nodes), list(eval_.nodes)
     differences = []
@@ -126,11 +132,10 @@ def _compare(
             or (a.target != b.target and not _same_constant(model, a, b))
             or not _same((a.args, a.kwargs), (b.args, b.kwargs), (), constants)
         ):
-            stacks = [n.meta.get("nn_module_stack") for n in (a, b) if n is not None]
-            names = [_innermost(stack) for stack in stacks]
-            return next((name for name in names if name), None), []
+            names = dict.fromkeys([*reversed(_stack_names(a)), *reversed(_stack_names(b))])
+            return sorted(names, key=lambda name: -name.count(".")), []
         differences.extend((a, path, x, y) for path, x, y in constants)
-    return "", differences
+    return None, differences
 
 
 def _replace_at(node: fx.Node, path: tuple, value: Any) -> None:
@@ -202,14 +207,17 @@ def trace_model(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
             train_graph = _trace_once(model, leaves)
             model.train(False)
             eval_graph = _trace_once(model, leaves)
-            module, differences = _compare(model, train_graph, eval_graph)
-            if module is None:
-                raise UntraceableError(f"{type(model).__name__}.forward branches on self.training")
-            if module == "":
+            modules, differences = _compare(model, train_graph, eval_graph)
+            if modules is None:
                 break
-            if module in leaves:
-                raise UntraceableError(f"the graph of {module!r} differs between train and eval mode")
-            leaves.add(module)
+            # The first submodule (innermost first) that is not kept whole yet: where the traces part, either it
+            # branched on the mode, or its parent did (which the next round finds).
+            default = fx.Tracer()
+            candidates = [name for name in modules if name not in leaves
+                          and not default.is_leaf_module(model.get_submodule(name), name)]
+            if not candidates:
+                raise UntraceableError(f"{type(model).__name__}.forward branches on self.training")
+            leaves.add(candidates[0])
         else:
             raise UntraceableError(f"more than {_MAX_RETRACES} submodules branch on self.training")
     finally:
