@@ -1,8 +1,11 @@
 """`quantize_model`: a QAT-ready copy of a float PyTorch model.
 
-Weights of convolutions, transposed convolutions and linear layers are wrapped; activation holders go on the
-model inputs, after each quantized layer's activation (through BatchNorm), and after additions and
-concatenations. The graph comes from `torch.fx`; a model that does not trace is wrapped module by module.
+Weights of convolutions, transposed convolutions and linear layers are wrapped (also where forward reads them
+directly, `F.linear(x, self.qkv.weight)`); `nn.MultiheadAttention` becomes its four linear layers and two
+products (`attention.py`). Activation holders go on the model inputs, after each quantized layer's activation
+(through BatchNorm), after additions and concatenations, and on both inputs of products of activations
+(`QATConfig.quantize_matmul_inputs`). The graph comes from `torch.fx`, traced so that it follows the train / eval
+mode (`tracing.py`); a model that does not trace is wrapped module by module.
 
 A holder's signedness follows the architecture, not the data (unsigned after ReLU, ReLU6 and sigmoid, signed
 elsewhere), so a model rebuilt by `quantize_model` from the same float model and config always takes the
