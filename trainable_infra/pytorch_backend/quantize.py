@@ -728,8 +728,10 @@ def quantize_model(
         progress: show a progress bar while calibrating.
 
     Returns:
-        A `torch.fx.GraphModule` (or, for a model torch.fx cannot trace, a copy quantized module by module, with
-        a warning naming what is not quantized). Its layers keep their names; weights sit under
+        A `torch.fx.GraphModule` whose train / eval behaviour follows `.train()` / `.eval()` whatever mode `model`
+        was in (or, for a model torch.fx cannot trace, a copy quantized module by module, with a warning naming
+        what is not quantized). Its layers keep their names (an `nn.MultiheadAttention` `attn` becomes
+        `attn.q_proj`, `attn.k_proj`, `attn.v_proj`, `attn.out_proj`); weights sit under
         `<layer>.module.weight`, quantizer parameters under `<layer>.weight_threshold` and
         `<layer>_activation_quantizer.activation_threshold` (or `..._range_min` / `..._range_max`).
     """
