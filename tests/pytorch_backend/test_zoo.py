@@ -114,6 +114,12 @@ KNOWN_GAPS = {
         {"test_the_whole_model_is_traced", "test_every_weight_of_the_arithmetic_is_quantized",
          "test_no_convolution_or_linear_map_stays_float", "test_quantized_mac_share"},
     ),
+    "inception": (
+        "a ReLU that never fires on the representative data gives the next layer's input quantizer the minimum "
+        "threshold (2^-16), so the int32 bias on Δ_in·Δ_w overflows: the converted model saturates it, onnxruntime "
+        "wraps it (outputs of opposite sign)",
+        {"test_onnx_reproduces_the_converted_model"},
+    ),
 }
 
 
@@ -160,7 +166,10 @@ def test_eval_is_deterministic(trained):
 def test_train_mode_follows_train(trained):
     """Back in train mode dropout and stochastic depth draw again (and nothing else is random); eval is eval again."""
     model = copy.deepcopy(trained.qat).train()
-    first, second = run(model, trained.x), run(model, trained.x)
+    # 64 samples: stochastic depth drops whole samples, and two draws over 8 could agree by chance.
+    torch.manual_seed(1)
+    x = trained.x.repeat(8, 1, 1, 1)
+    first, second = run(model, x), run(model, x)
     assert torch.equal(first, second) is not trained.case.random_in_training
     # Train-mode calls move the statistics of BatchNorms that are not folded (DenseNet's pre-activation ones).
     model.load_state_dict(trained.qat.state_dict())
@@ -180,18 +189,32 @@ def test_state_dict_reloads_into_a_fresh_model(trained, tmp_path):
     assert torch.equal(run(fresh.eval(), trained.x), trained.eval_output)
 
 
-def test_onnx_export_runs_deterministically_without_random_ops(trained, converted, tmp_path):
-    report = export_onnx(converted, tmp_path / "m.onnx", trained.x)
-    graph = onnx.load(report.path).graph
+@pytest.fixture(scope="module")
+def exported(trained, converted, tmp_path_factory):
+    """export_onnx's report on the converted model (QCDQ), its file run by onnxruntime on the eval batch."""
+    return export_onnx(converted, tmp_path_factory.mktemp("onnx") / "m.onnx", trained.x)
+
+
+def test_onnx_export_runs_deterministically_without_random_ops(trained, exported):
+    graph = onnx.load(exported.path).graph
     ops = {node.op_type for node in graph.node}
     assert not ops & RANDOM_OPS
     # Dropout's optional third input switches it to training; an eval export leaves it out.
     assert all(len(node.input) < 3 or not node.input[2] for node in graph.node if node.op_type == "Dropout")
-    session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(exported.path, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: trained.x.numpy()}
     first, second = session.run(None, feed)[0], session.run(None, feed)[0]
     np.testing.assert_array_equal(first, second)
     assert np.isfinite(first).all()
+
+
+def test_onnx_reproduces_the_converted_model(trained, exported):
+    """onnxruntime's integer kernels compute what the converted model computes."""
+    assert exported.argmax_identical == 1.0
+    # Between the quantizers of an attention block run float softmax, LayerNorm and GELU: a value within float
+    # rounding of a rounding tie may land one step apart, and attention spreads it over the tokens.
+    if not trained.case.transformer:
+        assert exported.identical == 1.0
 
 
 def weight_numel(model: nn.Module) -> int:
