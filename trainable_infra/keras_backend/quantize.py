@@ -444,7 +444,7 @@ def _merges_non_negative(merged: list[Hashable], plan: _Plan, producers: dict[Ha
     """
     if not merged:
         return False
-    return all(plan.signed.get(_grid_source(key, producers)) is False for key in merged)
+    return all(plan.signed.get(key if key in plan.signed else _grid_source(key, producers)) is False for key in merged)
 
 
 def _has_grid_step(quantizer: Any) -> bool:
