@@ -228,7 +228,8 @@ def run_model(name: str, size: int, args, workdir: Path) -> Result:
         path = workdir / f"{name}.onnx"
         try:
             report = tpb.export_onnx(converted, path, x)
-            result.record("export", True, time.perf_counter() - start, f"{report.identical:.1%} identical")
+            note = f"{report.identical:.1%} identical, argmax {report.argmax_identical:.0%}"
+            result.record("export", True, time.perf_counter() - start, note)
             result.random_ops = ", ".join(random_ops_in(report.path)) or "none"
         except Exception as exc:
             result.fail("export", time.perf_counter() - start, exc)
