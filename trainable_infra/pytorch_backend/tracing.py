@@ -66,24 +66,30 @@ def _trace_once(model: nn.Module, leaves: set[str]) -> fx.Graph:
     raise UntraceableError(f"more than {_MAX_RETRACES} submodules cannot be traced")
 
 
-def _same(a: Any, b: Any, path: tuple, constants: list[tuple[tuple, Any, Any]]) -> bool:
-    """Whether two node arguments have the same structure; differing constants are appended to `constants`."""
+def _same(
+    a: Any, b: Any, path: tuple, constants: list[tuple[tuple, Any, Any]], renamed: dict[str, str] | None = None
+) -> bool:
+    """Whether two node arguments have the same structure; differing constants are appended to `constants`.
+
+    `renamed` maps names of the second graph's nodes to the names of the equal nodes of the first.
+    """
+    renamed = renamed or {}
     if isinstance(a, fx.Node) or isinstance(b, fx.Node):
-        return isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name
+        return isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == renamed.get(b.name, b.name)
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
         return (
             type(a) is type(b)
             and len(a) == len(b)
-            and all(_same(x, y, (*path, i), constants) for i, (x, y) in enumerate(zip(a, b, strict=True)))
+            and all(_same(x, y, (*path, i), constants, renamed) for i, (x, y) in enumerate(zip(a, b, strict=True)))
         )
     if isinstance(a, dict) or isinstance(b, dict):
         return (
             isinstance(a, dict) and isinstance(b, dict) and list(a) == list(b)
-            and all(_same(a[k], b[k], (*path, k), constants) for k in a)
+            and all(_same(a[k], b[k], (*path, k), constants, renamed) for k in a)
         )
     if isinstance(a, slice) or isinstance(b, slice):
         return isinstance(a, slice) and isinstance(b, slice) and all(
-            _same(x, y, (*path, i), constants) for i, (x, y) in enumerate(
+            _same(x, y, (*path, i), constants, renamed) for i, (x, y) in enumerate(
                 zip((a.start, a.stop, a.step), (b.start, b.stop, b.step), strict=True)))
     if type(a) is type(b) and (a is b or a == b):
         return True
@@ -123,14 +129,17 @@ def _compare(
     """
     train_nodes, eval_nodes = list(train.nodes), list(eval_.nodes)
     differences = []
+    renamed: dict[str, str] = {}  # eval-graph name -> train-graph name of equal tensor constants
     for index in range(max(len(train_nodes), len(eval_nodes))):
         a = train_nodes[index] if index < len(train_nodes) else None
         b = eval_nodes[index] if index < len(eval_nodes) else None
+        if a is not None and b is not None and a.target != b.target and _same_constant(model, a, b):
+            renamed[b.name] = a.name
+            continue
         constants: list[tuple[tuple, Any, Any]] = []
         if (
-            a is None or b is None or a.op != b.op or a.name != b.name
-            or (a.target != b.target and not _same_constant(model, a, b))
-            or not _same((a.args, a.kwargs), (b.args, b.kwargs), (), constants)
+            a is None or b is None or a.op != b.op or a.name != renamed.get(b.name, b.name) or a.target != b.target
+            or not _same((a.args, a.kwargs), (b.args, b.kwargs), (), constants, renamed)
         ):
             names = dict.fromkeys([*reversed(_stack_names(a)), *reversed(_stack_names(b))])
             return sorted(names, key=lambda name: -name.count(".")), []
