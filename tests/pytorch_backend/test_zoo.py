@@ -107,17 +107,10 @@ def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # Library gaps: {case: (why, the tests that fail because of it)}.
 KNOWN_GAPS = {
-    "swin": (
-        "torch.fx stores the attention mask's tensor constant on the model, so the eval-mode trace names it "
-        "_tensor_constant1 where the train-mode one has _tensor_constant0: the graphs look different, the shifted "
-        "WindowAttention is kept whole and its qkv / proj weights and products stay float",
-        {"test_the_whole_model_is_traced", "test_every_weight_of_the_arithmetic_is_quantized",
-         "test_no_convolution_or_linear_map_stays_float", "test_quantized_mac_share"},
-    ),
     "inception": (
-        "a ReLU that never fires on the representative data gives the next layer's input quantizer the minimum "
-        "threshold (2^-16), so the int32 bias on Δ_in·Δ_w overflows: the converted model saturates it, onnxruntime "
-        "wraps it (outputs of opposite sign)",
+        "a ReLU that never fires on the representative data leaves the next layer's input quantizer at the minimum "
+        "threshold, its bias / (Δ_in·Δ_w) passes 2^31, and the int32 bias clamped in float32 (2^31 - 1 rounds up "
+        "to 2^31) is written to the file as -2^31: onnxruntime adds a bias of the opposite sign",
         {"test_onnx_reproduces_the_converted_model"},
     ),
 }
