@@ -14,6 +14,7 @@ if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover
         "pip install 'trainable-infra[keras]'"
     )
 
+from trainable_infra.keras_backend.attention import KerasInferableMultiHeadAttention, KerasQuantizedMultiHeadAttention
 from trainable_infra.keras_backend.base_quantizer import (
     BaseKerasActivationTrainableQuantizer,
     BaseKerasTrainableQuantizer,
@@ -38,7 +39,7 @@ from trainable_infra.keras_backend.quantizers import (
     STEUniformActivationQuantizer,
     STEUniformWeightQuantizer,
 )
-from trainable_infra.keras_backend.report import quantization_report
+from trainable_infra.keras_backend.report import quantization_coverage, quantization_report
 from trainable_infra.keras_backend.training import (
     QuantizerFreezeCallback,
     freeze_bn_stats,
@@ -54,7 +55,9 @@ __all__ = [
     "BaseKerasWeightTrainableQuantizer",
     "KerasActivationQuantizationHolder",
     "KerasInferableActivationQuantizationHolder",
+    "KerasInferableMultiHeadAttention",
     "KerasInferableQuantizationWrapper",
+    "KerasQuantizedMultiHeadAttention",
     "KerasTrainableQuantizationWrapper",
     "LSQSymmetricActivationQuantizer",
     "LSQSymmetricWeightQuantizer",
@@ -71,6 +74,7 @@ __all__ = [
     "freeze_bn_stats",
     "freeze_quantizers",
     "keras_load_quantized_model",
+    "quantization_coverage",
     "quantization_report",
     "quantize_model",
     "unfreeze_bn_stats",

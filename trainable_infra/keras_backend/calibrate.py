@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from trainable_infra.common.calibration import ActivationObserver
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.model_plan import check_calibrate_arguments
+from trainable_infra.keras_backend.attention import QuantizedAttentionBase
 from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHolder
 
 # A single array of samples is split into batches of this size, Keras' default for `predict`.
@@ -98,12 +99,15 @@ def _shapes(inputs: Any) -> list[tuple]:
 
 
 def all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
-    """The layers of `model` and of the models nested in it, depth first."""
+    """The layers of `model` and of the models nested in it, depth first, with the quantization layers inside its
+    quantized attention layers (their projection wrappers and holders) after each of them."""
     check_model(model)
     for layer in model.layers:
         yield layer
         if isinstance(layer, keras.Model):
             yield from all_layers(layer)
+        elif isinstance(layer, QuantizedAttentionBase):
+            yield from layer.quantization_layers()
 
 
 def holders_of(model: keras.Model) -> dict[str, KerasActivationQuantizationHolder]:

@@ -9,6 +9,12 @@ from keras.src.models.functional import Functional
 from mct_quantizers.keras.quantizers import BaseKerasInferableQuantizer
 
 from trainable_infra.common.errors import QuantizationConfigError, QuantizerDefinitionError
+from trainable_infra.keras_backend.attention import (
+    KerasInferableMultiHeadAttention,
+    KerasQuantizedMultiHeadAttention,
+    copy_attention_weights,
+    float_attention_config,
+)
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
 from trainable_infra.keras_backend.calibrate import all_layers
 from trainable_infra.keras_backend.inferable_wrappers import (
@@ -55,6 +61,15 @@ def _make_inferable_layer(layer: keras.Operation) -> keras.Operation:
         if not quantizer.activation_quantization():
             return keras.layers.Identity(name=layer.name)
         return KerasInferableActivationQuantizationHolder(inferable_of(quantizer), name=layer.name)
+    if isinstance(layer, KerasQuantizedMultiHeadAttention):
+        weights = {name: inferable_of(q) for name, q in layer.weights_quantizers.items() if q.weights_quantization()}
+        activations = {
+            point: inferable_of(holder.activation_quantizer) for point, holder in layer.activation_holders().items()
+            if holder.activation_quantizer.activation_quantization()
+        }
+        return KerasInferableMultiHeadAttention(
+            **float_attention_config(layer), weights_quantizers=weights, activation_quantizers=activations
+        )
     return copy_layer(layer)
 
 
@@ -111,6 +126,8 @@ def convert_to_inferable(model: keras.Model) -> keras.Model:
             if bias is not None:
                 # The rounded bias is baked in: the inference layer adds the values the trained one adds.
                 new.layer.bias.assign(bias)
+        elif isinstance(old, KerasQuantizedMultiHeadAttention):
+            copy_attention_weights(old, new)
         elif not isinstance(old, KerasActivationQuantizationHolder):
             new.set_weights(old.get_weights())
     return converted

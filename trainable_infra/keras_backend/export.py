@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainable_infra.common.einsum import parse_equation
 from trainable_infra.common.errors import ExportValidationError, QuantizationConfigError
 from trainable_infra.common.export import (
     ExportReport,
@@ -38,6 +39,12 @@ from trainable_infra.common.export import (
     check_agreement,
     check_output_path,
     check_require_identical,
+)
+from trainable_infra.keras_backend.attention import (
+    KerasInferableMultiHeadAttention,
+    QuantizedAttentionBase,
+    copy_attention_weights,
+    float_attention_config,
 )
 from trainable_infra.keras_backend.calibrate import all_layers
 from trainable_infra.keras_backend.inferable_wrappers import (
@@ -172,14 +179,60 @@ class _Int8Activation(keras.layers.Layer):
         return input_shape
 
 
+def matmul_form(layer: keras.layers.Layer) -> tuple[int, int] | None:
+    """(contracted axes, produced axes) of a layer that is a matrix product of its input's trailing axes with its
+    kernel's leading ones, producing the kernel's trailing axes last: (1, 1) for Dense, e.g. (1, 2) for the
+    "abc,cde->abde" EinsumDense of an attention projection; None for any other layer or equation."""
+    if isinstance(layer, keras.layers.Dense):
+        return 1, 1
+    if not isinstance(layer, keras.layers.EinsumDense):
+        return None
+    (inputs, kernel), output = parse_equation(layer.equation, operands=2)
+    contracted = "".join(letter for letter in kernel if letter not in output)
+    produced = kernel[len(contracted):]
+    if not contracted or not produced or "..." in kernel or kernel != contracted + produced:
+        return None
+    free = inputs[:len(inputs) - len(contracted)]
+    if inputs[len(free):] != contracted or output != free + produced:
+        return None
+    return len(contracted), len(produced)
+
+
+def _bias_on_produced_axes(layer: keras.layers.Layer, produced: int) -> bool:
+    """Whether the bias of a layer in `matmul_form` lies along the kernel's produced axes (the output's last
+    `produced` ones) only: Dense's always does, an EinsumDense's where its bias axes are among them."""
+    if not isinstance(layer, keras.layers.EinsumDense):
+        return True
+    _, output = parse_equation(layer.equation, operands=2)
+    return all(letter in output[len(output) - produced:] for letter in layer.bias_axes or "")
+
+
+def _tiled(grid: Int8Grid, repeats: int) -> Int8Grid:
+    """`grid` with its per-channel arrays repeated `repeats` times (a kernel's leading output axes flattened in
+    front of its channel axis); a per-tensor grid as it is."""
+    if repeats == 1 or not np.ndim(grid.step):
+        return grid
+    fields = ("step", "low", "high", "low8", "high8")
+    return dataclasses.replace(grid, **{f: np.tile(getattr(grid, f), repeats) for f in fields})
+
+
 class _Int8Weights(keras.layers.Layer):
     """A layer whose quantized kernels pass through the 8-bit fake-quant of their container (channels last, as
-    TensorFlow's per-channel op needs); a Dense layer runs as a 1x1 convolution."""
+    TensorFlow's per-channel op needs). A Dense layer, and an EinsumDense that is a matrix product (`matmul_form`),
+    runs as a 1x1 convolution on its flattened kernel: TFLiteConverter cannot carry per-channel scales through the
+    kernel of FULLY_CONNECTED, or through the reshapes it writes for an einsum."""
 
-    def __init__(self, layer: keras.layers.Layer, grids: dict[str, tuple[Int8Grid, list[int] | None]], **kwargs: Any):
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        grids: dict[str, tuple[Int8Grid, list[int] | None]],
+        matmul: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(autocast=False, **kwargs)
         self.layer = layer  # its kernels hold the quantized values already (`tflite_graph`)
         self.grids = grids
+        self.matmul = matmul  # `matmul_form(layer)` where it runs as a 1x1 convolution
 
     def build(self, input_shape: Any) -> None:
         if not self.layer.built:
@@ -188,8 +241,11 @@ class _Int8Weights(keras.layers.Layer):
     def _kernel(self, name: str) -> tf.Tensor:
         grid, perm = self.grids[name]
         kernel = tf.convert_to_tensor(getattr(self.layer, name))
-        if isinstance(self.layer, keras.layers.Dense):
-            kernel = tf.reshape(kernel, (1, 1, *kernel.shape))
+        if self.matmul is not None:
+            # (1, 1, contracted, produced): the channel axis (the kernel's last, or moved last by `perm`) stays last,
+            # its steps repeated over the produced axes flattened in front of it.
+            kernel = tf.reshape(kernel, (1, 1, int(np.prod(kernel.shape[:self.matmul[0]])), -1))
+            grid = _tiled(grid, kernel.shape[-1] // int(np.size(grid.step)))
         if perm is not None:
             kernel = tf.transpose(kernel, perm)
         kernel = _fake_quant8(kernel, grid)
@@ -197,13 +253,23 @@ class _Int8Weights(keras.layers.Layer):
 
     def call(self, inputs: Any) -> Any:
         layer = self.layer
-        if isinstance(layer, keras.layers.Dense) and "kernel" in self.grids:
-            features = inputs.shape[-1]
-            outputs = tf.nn.conv2d(tf.reshape(inputs, (-1, 1, 1, features)), self._kernel("kernel"), 1, "VALID")
-            outputs = tf.reshape(outputs, (-1, *inputs.shape[1:-1], layer.units))
-            if layer.use_bias:
-                outputs = tf.nn.bias_add(outputs, tf.convert_to_tensor(layer.bias))
-            return layer.activation(outputs)
+        if self.matmul is not None:
+            contracted, produced = self.matmul
+            kernel_shape = tuple(layer.kernel.shape)
+            depth = int(np.prod(kernel_shape[:contracted]))
+            produced_shape = kernel_shape[contracted:]
+            outputs = tf.nn.conv2d(tf.reshape(inputs, (-1, 1, 1, depth)), self._kernel("kernel"), 1, "VALID")
+            bias = getattr(layer, "bias", None) if getattr(layer, "use_bias", True) else None
+            # The bias is added to the convolution's own output, flattened as its channels, so that the converter
+            # fuses it into the int8 CONV_2D; a bias along the input's free axes is added after the reshape.
+            fused = bias is not None and _bias_on_produced_axes(layer, produced)
+            if fused:
+                outputs = tf.nn.bias_add(outputs, tf.reshape(tf.broadcast_to(bias, produced_shape), [-1]))
+            free = inputs.shape[1:len(inputs.shape) - contracted]
+            outputs = tf.reshape(outputs, (-1, *free, *produced_shape))
+            if bias is not None and not fused:
+                outputs = outputs + tf.convert_to_tensor(bias)
+            return layer.activation(outputs) if layer.activation is not None else outputs
         substitutes = [(getattr(layer, name), self._kernel(name)) for name in self.grids]
         outputs, _ = call_with_weights(layer, substitutes, (inputs,), {})
         return outputs
@@ -232,9 +298,54 @@ def _reads_model_input(layer: keras.layers.Layer) -> bool:
     return history is not None and isinstance(history.operation, keras.layers.InputLayer)
 
 
+def _int8_weights(layer: keras.layers.Layer, quantizers: dict[str, Any], name: str) -> _Int8Weights:
+    """The export form of a float `layer` whose kernels the inferable `quantizers` quantize. Kernels TFLite's int8
+    kernels cannot take (an EinsumDense that is no matrix product, `matmul_form`, or is quantized along another
+    axis than its last) stay float: their values are on the quantizer's grid already (`tflite_graph` stores them
+    so), the interpreter runs that layer in float."""
+    grids = {}
+    matmul = matmul_form(layer)
+    for attribute, quantizer in quantizers.items():
+        rank = len(getattr(layer, attribute).shape)
+        perm = _channels_last_perm(quantizer, rank, 2 if isinstance(layer, keras.layers.Dense) else 0)
+        if isinstance(layer, keras.layers.EinsumDense) and (matmul is None or perm is not None):
+            continue
+        grids[attribute] = (int8_grid(quantizer, True, f"layer {name!r}, {attribute!r}"), perm)
+    return _Int8Weights(copy_layer(layer), grids, matmul if "kernel" in grids else None, name=name)
+
+
+def _store_quantized_kernels(source: keras.layers.Layer, quantizers: dict[str, Any], target: _Int8Weights) -> None:
+    """Copy `source`'s weights into the export layer, its kernels on their n-bit grids, as constants: an n-bit
+    fake-quant op in the graph would make the converter write INT4 / INT2 tensors. The 8-bit fake-quant of the
+    container leaves them as they are."""
+    target.layer.set_weights(source.get_weights())
+    for name, quantizer in quantizers.items():
+        getattr(target.layer, name).assign(quantizer(tf.convert_to_tensor(getattr(source, name))))
+
+
+class _Int8Attention(QuantizedAttentionBase):
+    """A converted attention layer as the converter reads it: `_Int8Weights` projections and `_Int8Activation`
+    points (export only, never saved)."""
+
+    def _make_holder(self, point: str, quantizer: Any) -> keras.layers.Layer:
+        name = self.holder_name(point)
+        return _Int8Activation(int8_grid(quantizer, False, f"layer {name!r}"), name=name)
+
+    def _wrap_projection(self, name: str, dense: keras.layers.EinsumDense, quantizer: Any) -> keras.layers.Layer:
+        return _int8_weights(dense, {"kernel": quantizer}, f"{self.name}_{name}")
+
+
+def _int8_attention(layer: KerasInferableMultiHeadAttention) -> _Int8Attention:
+    return _Int8Attention(
+        **float_attention_config(layer), weights_quantizers=layer.weights_quantizers,
+        activation_quantizers={point: h.activation_quantizer for point, h in layer.activation_holders().items()},
+    )
+
+
 def tflite_graph(model: keras.Model) -> keras.Model:
     """The model `export_tflite` hands to TFLiteConverter: `model` (a converted model) with each quantizer written
-    as the 8-bit fake-quant of its int8 container (`Int8Grid`), and each Dense layer as a 1x1 convolution.
+    as the 8-bit fake-quant of its int8 container (`Int8Grid`), and each Dense layer (and EinsumDense matrix
+    product) as a 1x1 convolution.
 
     Raises `QuantizationConfigError` for a quantizer TFLite's int8 kernels cannot hold (see `int8_grid`).
     """
@@ -248,13 +359,9 @@ def tflite_graph(model: keras.Model) -> keras.Model:
             new = _Int8Activation(int8_grid(quantizer, False, f"layer {layer.name!r}"),
                                   quantizer if _reads_model_input(layer) else None, name=layer.name)
         elif isinstance(layer, KerasInferableQuantizationWrapper):
-            grids = {}
-            for name, quantizer in layer.weights_quantizers.items():
-                owner = f"layer {layer.name!r}, {name!r}"
-                rank = len(getattr(layer.layer, name).shape)
-                leading = 2 if isinstance(layer.layer, keras.layers.Dense) else 0
-                grids[name] = (int8_grid(quantizer, True, owner), _channels_last_perm(quantizer, rank, leading))
-            new = _Int8Weights(copy_layer(layer.layer), grids, name=layer.name)
+            new = _int8_weights(layer.layer, layer.weights_quantizers, layer.name)
+        elif isinstance(layer, KerasInferableMultiHeadAttention):
+            new = _int8_attention(layer)
         else:
             new = copy_layer(layer)
         pairs.append((layer, new))
@@ -263,11 +370,12 @@ def tflite_graph(model: keras.Model) -> keras.Model:
     graph = keras.models.clone_model(model, clone_function=clone_function)
     for old, new in pairs:
         if isinstance(old, KerasInferableQuantizationWrapper):
-            new.layer.set_weights(old.layer.get_weights())
-            # The kernels on their n-bit grids, as constants: an n-bit fake-quant op in the graph would make the
-            # converter write INT4 / INT2 tensors. The 8-bit fake-quant of the container leaves them as they are.
+            _store_quantized_kernels(old.layer, old.weights_quantizers, new)
+        elif isinstance(old, KerasInferableMultiHeadAttention):
+            copy_attention_weights(old, new)
             for name, quantizer in old.weights_quantizers.items():
-                getattr(new.layer, name).assign(quantizer(tf.convert_to_tensor(getattr(old.layer, name))))
+                projection = old.projection(name)
+                _store_quantized_kernels(projection.layer, {"kernel": quantizer}, new.projection(name))
         elif not isinstance(old, KerasInferableActivationQuantizationHolder):
             new.set_weights(old.get_weights())
     return graph

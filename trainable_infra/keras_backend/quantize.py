@@ -1,11 +1,14 @@
 """`quantize_model`: a QAT-ready copy of a float Keras 3 model (Sequential or Functional).
 
-Kernels of convolutions (plain, depthwise, separable, transposed) and dense layers are wrapped; activation
-holders go on the model inputs, after each quantized layer's activation (its own `activation=`, or through
-BatchNormalization and a following activation layer), and after merges: `Add` and `Concatenate` layers and their
-`keras.ops` forms on two or more tensors (`a + b`, `keras.ops.add`, `keras.ops.concatenate`; `x + 3.0` adds a
-constant and is no merge). The layer graph is rebuilt with copies of the layers and of the `keras.ops` operations:
-names and weights are kept, the input model is not touched.
+Kernels of convolutions (plain, depthwise, separable, transposed), dense and einsum-dense layers are wrapped;
+activation holders go on the model inputs, after each quantized layer's activation (its own `activation=`, or
+through BatchNormalization and a following activation layer), and after merges: `Add` and `Concatenate` layers and
+their `keras.ops` forms on two or more tensors (`a + b`, `keras.ops.add`, `keras.ops.concatenate`; `x + 3.0` adds a
+constant and is no merge). A `MultiHeadAttention` becomes a `KerasQuantizedMultiHeadAttention` (attention.py): its
+projections are wrapped and, with `QATConfig.quantize_matmul_inputs`, both inputs of its two activation products
+are quantized, as are both inputs of each product of two activations in the graph (`Dot` layers,
+`keras.ops.matmul` / `@`, `keras.ops.einsum` of two tensors). The layer graph is rebuilt with copies of the layers
+and of the `keras.ops` operations: names and weights are kept, the input model is not touched.
 
 With `QATConfig.fold_batch_norm` (the default) a BatchNormalization that only reads the output of a quantized layer
 is folded into that layer's kernel and bias from its moving statistics and left out of the rebuilt graph, as
@@ -24,6 +27,7 @@ representative data sets the thresholds and ranges.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -37,6 +41,9 @@ from keras.src.models.functional import Functional
 from keras.src.ops.numpy import Add as AddOperation
 from keras.src.ops.numpy import Concatenate as ConcatenateOperation
 
+# The operations `keras.ops.matmul` (and `@`) and `keras.ops.einsum` record in a Functional graph.
+from keras.src.ops.numpy import Einsum, Matmul
+
 from trainable_infra.common.calibration import (
     default_activation_params,
     weight_quant_params,
@@ -46,6 +53,7 @@ from trainable_infra.common.config import (
     TrainableQuantizerWeightsConfig,
     check_bool,
 )
+from trainable_infra.common.einsum import kernel_channel_axis, parse_equation
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.integer import fold_batch_norm
 from trainable_infra.common.mct import QuantizationTarget
@@ -58,6 +66,13 @@ from trainable_infra.common.model_plan import (
 )
 from trainable_infra.common.qat_config import LayerSettings, QATConfig
 from trainable_infra.common.resolver import get_trainable_quantizer_class
+from trainable_infra.keras_backend.attention import (
+    ACTIVATION_POINTS,
+    PROJECTIONS,
+    KerasQuantizedMultiHeadAttention,
+    copy_attention_weights,
+    float_attention_config,
+)
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
 from trainable_infra.keras_backend.calibrate import all_layers, calibrate, check_data, check_model
 from trainable_infra.keras_backend.wrappers import (
@@ -69,7 +84,8 @@ from trainable_infra.keras_backend.wrappers import (
 # Layer class name -> (class, {kernel attribute: its output-channel axis}). Depthwise kernels are
 # (*window, in_channels, depth_multiplier): their thresholds are per input channel (axis -2), shared by the
 # `depth_multiplier` outputs of that channel, which is per output channel for the usual multiplier of 1.
-# Transposed convolutions keep their kernel as (*window, out_channels, in_channels).
+# Transposed convolutions keep their kernel as (*window, out_channels, in_channels). An EinsumDense kernel's axis
+# follows from its equation (`quantized_kernels`); the -1 here is only its usual value.
 QUANTIZABLE_LAYERS: dict[str, tuple[type[keras.layers.Layer], dict[str, int]]] = {
     "Conv1D": (keras.layers.Conv1D, {"kernel": -1}),
     "Conv2D": (keras.layers.Conv2D, {"kernel": -1}),
@@ -82,9 +98,13 @@ QUANTIZABLE_LAYERS: dict[str, tuple[type[keras.layers.Layer], dict[str, int]]] =
     "SeparableConv1D": (keras.layers.SeparableConv1D, {"depthwise_kernel": -2, "pointwise_kernel": -1}),
     "SeparableConv2D": (keras.layers.SeparableConv2D, {"depthwise_kernel": -2, "pointwise_kernel": -1}),
     "Dense": (keras.layers.Dense, {"kernel": -1}),
+    "EinsumDense": (keras.layers.EinsumDense, {"kernel": -1}),
 }
+# Attention layers `quantize_model` replaces by quantized ones (only this exact class: a subclass may compute
+# attention its own way, which the quantized layer would drop).
+ATTENTION_LAYERS: dict[str, type[keras.layers.Layer]] = {"MultiHeadAttention": keras.layers.MultiHeadAttention}
 # Activations whose output is never negative: the holder after them is unsigned.
-NON_NEGATIVE_ACTIVATIONS = frozenset({"relu", "relu6", "sigmoid", "hard_sigmoid"})
+NON_NEGATIVE_ACTIVATIONS = frozenset({"relu", "relu6", "sigmoid", "hard_sigmoid", "softmax"})
 _ACTIVATION_LAYERS = (
     keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU,
     keras.layers.Softmax,
@@ -120,17 +140,35 @@ def _check_arguments(
             f"model {model.name!r} is not built: give the Sequential model a keras.Input (or call build) so that "
             "its weights exist"
         )
-    return check_qat_arguments(qat_config, num_calibration_batches, QUANTIZABLE_LAYERS, "Keras")
+    return check_qat_arguments(qat_config, num_calibration_batches, [*QUANTIZABLE_LAYERS, *ATTENTION_LAYERS], "Keras")
 
 
-def quantized_kernels(layer: keras.layers.Layer, config: QATConfig) -> dict[str, int] | None:
-    """{kernel attribute: output-channel axis} if `config` quantizes `layer`'s type, else None."""
+def quantized_kernels(layer: keras.layers.Layer, config: QATConfig) -> dict[str, int | None] | None:
+    """{kernel attribute: output-channel axis (None: none, per tensor)} if `config` quantizes `layer`'s type,
+    else None."""
     names = config.layer_types if config.layer_types is not None else tuple(QUANTIZABLE_LAYERS)
     for name in names:
+        if name not in QUANTIZABLE_LAYERS:
+            continue
         cls, kernels = QUANTIZABLE_LAYERS[name]
         if isinstance(layer, cls):
+            if isinstance(layer, keras.layers.EinsumDense):
+                return {"kernel": einsum_kernel_axis(layer)}
             return kernels
     return None
+
+
+def einsum_kernel_axis(layer: keras.layers.EinsumDense) -> int | None:
+    """The per-channel axis of an EinsumDense kernel, as a negative index: the last kernel axis its equation maps to
+    an output axis (`common.einsum.kernel_channel_axis`); None where no kernel axis reaches the output."""
+    axis = kernel_channel_axis(layer.equation)
+    return None if axis is None else axis - len(parse_equation(layer.equation)[0][1])
+
+
+def quantizes_attention(layer: Any, config: QATConfig) -> bool:
+    """Whether `config` replaces `layer` by a `KerasQuantizedMultiHeadAttention`."""
+    names = config.layer_types if config.layer_types is not None else tuple(ATTENTION_LAYERS)
+    return any(type(layer) is ATTENTION_LAYERS[name] for name in names if name in ATTENTION_LAYERS)
 
 
 def copy_layer(layer: keras.Operation) -> keras.Operation:
@@ -156,23 +194,57 @@ def make_wrapper(
     a "bias" in it gives the copy a bias (`use_bias=True`).
     """
     weights = dict(weights or {})
+    quantizers = {}
+    for attribute, axis in kernels.items():
+        kernel = weights[attribute] if attribute in weights else getattr(layer, attribute).numpy()
+        quantizers[attribute] = make_weight_quantizer(kernel, axis, settings, config)
+    copy = copy_layer(layer) if "bias" not in weights else _with_bias(layer)
+    return KerasTrainableQuantizationWrapper(copy, quantizers, name=layer.name)
+
+
+def make_weight_quantizer(
+    kernel: np.ndarray, axis: int | None, settings: LayerSettings, config: QATConfig
+) -> BaseKerasTrainableQuantizer:
+    """The weights quantizer `settings` ask for, initialised from `kernel`, per channel along `axis` (None: per
+    tensor) where the settings are per channel."""
     method = settings.weight_quantization_method
     cls = get_trainable_quantizer_class(
         QuantizationTarget.Weights, settings.weight_training_method, method, BaseKerasTrainableQuantizer
     )
-    quantizers = {}
-    for attribute, axis in kernels.items():
-        kernel = weights[attribute] if attribute in weights else getattr(layer, attribute).numpy()
-        channel_axis = axis % kernel.ndim if settings.weight_per_channel else None
-        params = weight_quant_params(
-            kernel, method, settings.weight_n_bits, channel_axis, config.weight_init, config.min_threshold
-        )
-        quantizers[attribute] = cls(TrainableQuantizerWeightsConfig(
-            method, settings.weight_n_bits, params, True, channel_axis, settings.weight_per_channel,
-            config.min_threshold,
-        ))
-    copy = copy_layer(layer) if "bias" not in weights else _with_bias(layer)
-    return KerasTrainableQuantizationWrapper(copy, quantizers, name=layer.name)
+    per_channel = settings.weight_per_channel and axis is not None
+    channel_axis = axis % kernel.ndim if per_channel else None
+    params = weight_quant_params(
+        kernel, method, settings.weight_n_bits, channel_axis, config.weight_init, config.min_threshold
+    )
+    return cls(TrainableQuantizerWeightsConfig(
+        method, settings.weight_n_bits, params, True, channel_axis, per_channel, config.min_threshold,
+    ))
+
+
+def make_attention(
+    layer: keras.layers.MultiHeadAttention, settings: LayerSettings, config: QATConfig
+) -> KerasQuantizedMultiHeadAttention:
+    """A `KerasQuantizedMultiHeadAttention` with `layer`'s arguments, a weights quantizer for each projection
+    (initialised from `layer`'s kernels) and activation quantizers at the points `config` asks for: the inputs of
+    both products with `quantize_matmul_inputs`, the output projection's input with `integer_bias` (as every wrapped
+    layer reads a quantized input then)."""
+    weights = {}
+    for name, attribute in PROJECTIONS.items():
+        dense = getattr(layer, attribute, None)
+        if dense is not None:
+            weights[name] = make_weight_quantizer(dense.kernel.numpy(), einsum_kernel_axis(dense), settings, config)
+    points = []
+    if config.quantize_activations and config.quantize_matmul_inputs:
+        points += ["query", "key", "probabilities", "value"]
+    if config.quantize_activations and config.integer_bias and not layer._use_gate:
+        points.append("context")
+    activations = {}
+    for point in points:
+        params = default_activation_params(settings.activation_quantization_method, ACTIVATION_POINTS[point])
+        activations[point] = _activation_quantizer(settings, config, params)
+    return KerasQuantizedMultiHeadAttention(
+        **float_attention_config(layer), weights_quantizers=weights, activation_quantizers=activations
+    )
 
 
 def _with_bias(layer: keras.layers.Layer) -> keras.layers.Layer:
@@ -185,6 +257,10 @@ def make_holder(
     settings: LayerSettings, config: QATConfig, params: dict, name: str
 ) -> KerasActivationQuantizationHolder:
     """An activation holder called `name` with the quantizer `settings` ask for and the given parameters."""
+    return KerasActivationQuantizationHolder(_activation_quantizer(settings, config, params), name=name)
+
+
+def _activation_quantizer(settings: LayerSettings, config: QATConfig, params: dict) -> BaseKerasTrainableQuantizer:
     method = settings.activation_quantization_method
     quantizer_config = TrainableQuantizerActivationConfig(
         method, settings.activation_n_bits, params, True, config.min_threshold
@@ -192,7 +268,7 @@ def make_holder(
     cls = get_trainable_quantizer_class(
         QuantizationTarget.Activation, settings.activation_training_method, method, BaseKerasTrainableQuantizer
     )
-    return KerasActivationQuantizationHolder(cls(quantizer_config), name=name)
+    return cls(quantizer_config)
 
 
 # --- the float graph ------------------------------------------------------------------------------------------
@@ -206,6 +282,7 @@ class _Call:
     inputs: list[Hashable]
     outputs: list[Hashable]
     replay: Callable[[Any, dict], Any]  # (new layer, {key: new tensor}) -> outputs
+    arguments: dict[str, Any] = dataclasses.field(default_factory=dict)  # call argument name -> what was passed
 
 
 def input_name(tensor: keras.KerasTensor) -> str:
@@ -219,6 +296,7 @@ class _Graph:
     inputs: list[tuple[Hashable, keras.KerasTensor]]  # model inputs: (key, tensor)
     calls: list[_Call]  # in an order where every call comes after the calls that produce its inputs
     outputs: set[Hashable]  # keys of the model outputs
+    dtypes: dict[Hashable, str] = dataclasses.field(default_factory=dict)  # tensor key -> dtype (Functional only)
 
     def consumers(self) -> dict[Hashable, list[_Call]]:
         found: dict[Hashable, list[_Call]] = {}
@@ -231,20 +309,36 @@ class _Graph:
 def _functional_graph(model: Functional) -> _Graph:
     # Keras records the graph as nodes by depth (as its own clone_model and Functional.call walk it).
     calls = []
+    dtypes = {}
     for depth in sorted(model._nodes_by_depth, reverse=True):
         for node in model._nodes_by_depth[depth]:
             if node.operation is None or node.is_input:
                 continue
             calls.append(_Call(
                 node.operation, [id(t) for t in node.input_tensors], [id(t) for t in node.outputs],
-                lambda layer, tensors, node=node: _replay(layer, node, tensors),
+                lambda layer, tensors, node=node: _replay(layer, node, tensors), _bound_arguments(node),
             ))
-    return _Graph([(id(t), t) for t in model.inputs], calls, {id(t) for t in model.outputs})
+            dtypes.update({id(t): t.dtype for t in [*node.input_tensors, *node.outputs]})
+    return _Graph([(id(t), t) for t in model.inputs], calls, {id(t) for t in model.outputs}, dtypes)
+
+
+def _bound_arguments(node: Any) -> dict[str, Any]:
+    """{argument name: value} of a node's call, bound to the signature of the operation's `call`."""
+    try:
+        bound = inspect.signature(node.operation.call).bind(*node.arguments.args, **node.arguments.kwargs)
+    except (TypeError, ValueError):
+        return {}
+    return dict(bound.arguments)
 
 
 def _replay(layer: Any, node: Any, tensors: dict) -> Any:
     args, kwargs = node.arguments.fill_in(tensors)
     return layer(*args, **kwargs)
+
+
+def model_graph(model: keras.Model) -> _Graph:
+    """The calls of a Sequential or Functional model's layers and operations, in an order that computes them."""
+    return _sequential_graph(model) if isinstance(model, keras.Sequential) else _functional_graph(model)
 
 
 def _sequential_graph(model: keras.Sequential) -> _Graph:
@@ -305,6 +399,8 @@ def _batch_norm_to_fold(call: _Call, graph: _Graph, consumers: dict, calls_of: C
     layer = call.layer
     if _activation_name(layer) is not None or len(call.outputs) != 1 or calls_of[id(layer)] != 1:
         return None
+    if isinstance(layer, keras.layers.EinsumDense):
+        return None  # its output channels need not be the kernel's channel axis: it keeps its BatchNormalization
     key = call.outputs[0]
     readers = consumers.get(key, [])
     if key in graph.outputs or len(readers) != 1:
@@ -358,8 +454,14 @@ class _Plan:
     # or a ReLU): with an input holder, the layer computes in inference as TFLite's int8 kernel does
     output_holders: dict[int, str] = dataclasses.field(default_factory=dict)
     signed: dict[Hashable, bool] = dataclasses.field(default_factory=dict)  # tensor key -> its holder is signed
-    # names of the holders put on quantized layers' inputs (QATConfig.integer_bias), for reports and tests
+    # names of the holders put on the inputs of quantized layers (QATConfig.integer_bias) and of products of two
+    # activations (QATConfig.quantize_matmul_inputs), for reports and tests
     added_input_holders: list[str] = dataclasses.field(default_factory=list)
+    # id(float MultiHeadAttention) -> the quantized attention layer that replaces it
+    attention: dict[int, KerasQuantizedMultiHeadAttention] = dataclasses.field(default_factory=dict)
+    # name of a product of two activations -> the names of the holders that quantize its inputs
+    # (QATConfig.quantize_matmul_inputs)
+    product_inputs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
@@ -398,6 +500,21 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
                         plan.removed.add(id(bn))
                     wrappers[id(layer)] = make_wrapper(layer, kernels, settings, config, plan.weights.get(id(layer)))
             points.append((*_chain_end(call, graph, consumers, through_batch_norm=True), layer.name, []))
+        elif quantizes_attention(layer, config):
+            settings = config.for_layer(layer.name)
+            if settings.skip:
+                continue
+            if id(layer) not in plan.attention:
+                with naming_layer(layer.name):
+                    plan.attention[id(layer)] = make_attention(layer, settings, config)
+            # Its output is the output projection's: quantized as a wrapped layer's is.
+            points.append((*_chain_end(call, graph, consumers, through_batch_norm=False), layer.name, []))
+        elif isinstance(layer, keras.layers.MultiHeadAttention) and type(layer) is not keras.layers.MultiHeadAttention:
+            warnings.warn(
+                f"{layer.name!r} is a {type(layer).__name__}, a subclass of MultiHeadAttention, and is kept in float: "
+                "quantize_model replaces keras.layers.MultiHeadAttention itself by a quantized attention layer, which "
+                "would drop what the subclass computes differently", stacklevel=3,
+            )
         elif isinstance(layer, keras.Model):
             warnings.warn(
                 f"{model.name!r} contains the model {layer.name!r}, which is kept in float: quantize_model quantizes "
@@ -409,6 +526,10 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
     if not config.quantize_activations:
         return plan
     taken = set(names)
+    for attention in plan.attention.values():
+        # Its sublayers' names: no holder of the model may take them (reports and calibrate find layers by name).
+        taken.update(f"{attention.name}_{name}" for name in PROJECTIONS)
+        taken.update(attention.holder_name(point) for point in ACTIVATION_POINTS)
     producers = {key: call for call in graph.calls for key in call.outputs}
     for key, producer, base, merged in points:
         settings = config.for_layer(base)
@@ -420,6 +541,8 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
         with naming_layer(base):
             holders[key] = make_holder(settings, config, params, holder_name(base, taken))
         plan.signed[key] = signed
+    if config.quantize_matmul_inputs:
+        _plan_product_inputs(graph, plan, config, taken)
     if config.integer_bias:
         _plan_input_holders(graph, plan, config, calls_of, taken)
         _plan_integer_bias(graph, plan, calls_of)
@@ -444,14 +567,14 @@ def _merges_non_negative(merged: list[Hashable], plan: _Plan, producers: dict[Ha
     """
     if not merged:
         return False
-    return all(plan.signed.get(key if key in plan.signed else _grid_source(key, producers)) is False for key in merged)
+    return all(plan.signed.get(key if key in plan.signed else grid_source(key, producers)) is False for key in merged)
 
 
 def _has_grid_step(quantizer: Any) -> bool:
     return type(quantizer).grid_step is not BaseKerasTrainableQuantizer.grid_step
 
 
-def _grid_source(key: Hashable, producers: dict[Hashable, _Call], through_averages: bool = False) -> Hashable:
+def grid_source(key: Hashable, producers: dict[Hashable, _Call], through_averages: bool = False) -> Hashable:
     """The key of the tensor whose values `key` holds (walking back through `VALUE_PRESERVING_LAYERS`, and with
     `through_averages` through average poolings too)."""
     kinds = (*VALUE_PRESERVING_LAYERS, *(_AVERAGING_LAYERS if through_averages else ()))
@@ -463,36 +586,85 @@ def _grid_source(key: Hashable, producers: dict[Hashable, _Call], through_averag
     return key
 
 
+def _quantize_input(
+    key: Hashable, owner: str, graph: _Graph, plan: _Plan, config: QATConfig, taken: set[str],
+    producers: dict[Hashable, _Call],
+) -> str | None:
+    """Make sure the tensor `key`, which the layer or operation `owner` reads, is on a holder's grid: where it is no
+    holder's output (directly or through `VALUE_PRESERVING_LAYERS`), a holder named "<owner>_input_activation_quantizer"
+    goes right after the operation that left the grid, so that the runtime runs that operation on integers too
+    (TFLite's int8 MEAN after a pooling, say). It is unsigned where the values come, through average poolings, from
+    an unsigned holder or a non-negative activation. Returns the name of the holder the input is on (None where the
+    input stays float: a model input the config leaves unquantized, or a folded BatchNormalization's output)."""
+    source = grid_source(key, producers)
+    if source in plan.holders:
+        return plan.holders[source].name
+    inputs = {k for k, _ in graph.inputs}
+    if source in inputs or id(producers[source].layer) in plan.removed:
+        return None
+    origin = grid_source(key, producers, through_averages=True)
+    if origin in plan.holders:
+        signed = plan.signed[origin]
+    else:
+        producer = producers[origin].layer if origin in producers else None
+        signed = producer is None or _activation_name(producer) not in NON_NEGATIVE_ACTIVATIONS
+    settings = config.for_layer(owner)
+    params = default_activation_params(settings.activation_quantization_method, signed)
+    name = holder_name(f"{owner}_input", taken)
+    with naming_layer(owner):
+        plan.holders[source] = make_holder(settings, config, params, name)
+    plan.signed[source] = signed
+    plan.added_input_holders.append(name)
+    return name
+
+
+def _attention_inputs(call: _Call) -> list[Hashable]:
+    """The keys of the query, value and key tensors an attention call reads (not its masks)."""
+    keys = [id(call.arguments[name]) for name in ("query", "value", "key")
+            if isinstance(call.arguments.get(name), keras.KerasTensor)]
+    return list(dict.fromkeys(keys))
+
+
 def _plan_input_holders(
     graph: _Graph, plan: _Plan, config: QATConfig, calls_of: Counter, taken: set[str]
 ) -> None:
-    """Give each wrapped layer (called once, one input) a quantized input, as integer runtimes need: where its
-    input is no holder's output (directly or through `VALUE_PRESERVING_LAYERS`), e.g. a Dense layer after a
-    GlobalAveragePooling2D, a holder named "<layer>_input_activation_quantizer" goes right after the operation that
-    left the grid, so that the runtime runs that operation on integers too (TFLite's int8 MEAN). It is unsigned
-    where the values come, through average poolings, from an unsigned holder or a non-negative activation."""
+    """Give each wrapped layer (called once, one input) and each quantized attention layer (its query, key and value)
+    a quantized input, as integer runtimes need (`_quantize_input`)."""
     producers = {key: call for call in graph.calls for key in call.outputs}
-    inputs = {key for key, _ in graph.inputs}
     for call in graph.calls:
         layer = call.layer
-        if id(layer) not in plan.wrappers or calls_of[id(layer)] != 1 or len(call.inputs) != 1:
-            continue
-        source = _grid_source(call.inputs[0], producers)
-        if source in plan.holders or source in inputs or id(producers[source].layer) in plan.removed:
-            continue
-        origin = _grid_source(call.inputs[0], producers, through_averages=True)
-        if origin in plan.holders:
-            signed = plan.signed[origin]
+        if id(layer) in plan.attention:
+            keys = _attention_inputs(call)
+        elif id(layer) in plan.wrappers and calls_of[id(layer)] == 1 and len(call.inputs) == 1:
+            keys = call.inputs
         else:
-            producer = producers[origin].layer if origin in producers else None
-            signed = producer is None or _activation_name(producer) not in NON_NEGATIVE_ACTIVATIONS
-        settings = config.for_layer(layer.name)
-        params = default_activation_params(settings.activation_quantization_method, signed)
-        name = holder_name(f"{layer.name}_input", taken)
-        with naming_layer(layer.name):
-            plan.holders[source] = make_holder(settings, config, params, name)
-        plan.signed[source] = signed
-        plan.added_input_holders.append(name)
+            continue
+        for key in keys:
+            _quantize_input(key, layer.name, graph, plan, config, taken, producers)
+
+
+def product_inputs(call: Any, dtypes: Mapping[Hashable, str] | None = None) -> list[Hashable] | None:
+    """The keys of the two float activations a call multiplies, or None where it is no such product: a `Dot` layer,
+    `keras.ops.matmul` (or `@`) or `keras.ops.einsum` with two tensor operands."""
+    layer = call.layer
+    if not isinstance(layer, (keras.layers.Dot, Matmul, Einsum)) or len(call.inputs) != 2:
+        return None
+    if dtypes is not None and not all(keras.backend.is_float_dtype(dtypes.get(k, "float32")) for k in call.inputs):
+        return None
+    return list(call.inputs)
+
+
+def _plan_product_inputs(graph: _Graph, plan: _Plan, config: QATConfig, taken: set[str]) -> None:
+    """Quantize both inputs of every product of two activations (`product_inputs`) that no override skips, as
+    integer runtimes need (`_quantize_input`; an input held already keeps its holder)."""
+    producers = {key: call for call in graph.calls for key in call.outputs}
+    for call in graph.calls:
+        keys = product_inputs(call, graph.dtypes)
+        if keys is None or config.for_layer(call.layer.name).skip:
+            continue
+        names = [_quantize_input(key, call.layer.name, graph, plan, config, taken, producers)
+                 for key in dict.fromkeys(keys)]
+        plan.product_inputs[call.layer.name] = [name for name in names if name is not None]
 
 
 def _plan_integer_bias(graph: _Graph, plan: _Plan, calls_of: Counter) -> None:
@@ -506,15 +678,29 @@ def _plan_integer_bias(graph: _Graph, plan: _Plan, calls_of: Counter) -> None:
         wrapper = plan.wrappers.get(id(call.layer))
         if wrapper is None or calls_of[id(call.layer)] != 1 or len(call.inputs) != 1:
             continue
-        holder = plan.holders.get(_grid_source(call.inputs[0], producers))
+        holder = plan.holders.get(grid_source(call.inputs[0], producers))
         kernel_quantizer = wrapper.weights_quantizers.get("kernel")
-        if holder is None or kernel_quantizer is None:
+        if holder is None or kernel_quantizer is None or not _bias_on_channel_axis(wrapper):
             continue
         if _has_grid_step(kernel_quantizer) and _has_grid_step(holder.activation_quantizer):
             plan.input_holders[id(call.layer)] = holder.name
             key, _ = _chain_end(call, graph, consumers, through_batch_norm=True)
             if key in plan.holders and key != call.inputs[0]:
                 plan.output_holders[id(call.layer)] = plan.holders[key].name
+
+
+def _bias_on_channel_axis(wrapper: KerasTrainableQuantizationWrapper) -> bool:
+    """Whether a rounded bias fits the layer: its bias steps Δ_in·Δ_w are per channel of the kernel quantizer, so an
+    EinsumDense bias must lie along the output's last axis and be that channel axis (or the kernel per tensor)."""
+    layer = wrapper.layer
+    if not isinstance(layer, keras.layers.EinsumDense) or layer.bias_axes is None:
+        return True
+    kernel_config = wrapper.weights_quantizers["kernel"].quantization_config
+    axis = kernel_config.weights_channels_axis
+    if not kernel_config.weights_per_channel_threshold or axis is None:
+        return True
+    inputs, output = parse_equation(layer.equation)
+    return layer.bias_axes == inputs[1][axis] == output[-1]
 
 
 # --- rebuilding -------------------------------------------------------------------------------------------------
@@ -541,6 +727,8 @@ def _rebuild(model: keras.Model, graph: _Graph, plan: _Plan) -> tuple[keras.Mode
             if wrapper is not None:
                 wrapper.input_holder = plan.input_holders.get(id(layer))
                 wrapper.output_holder = plan.output_holders.get(id(layer))
+            else:
+                wrapper = plan.attention.get(id(layer))
             copies[id(layer)] = wrapper if wrapper is not None else copy_layer(layer)
             pairs.append((layer, copies[id(layer)]))
         return copies[id(layer)]
@@ -582,6 +770,9 @@ def _rebuild(model: keras.Model, graph: _Graph, plan: _Plan) -> tuple[keras.Mode
 
 def _copy_weights(pairs: list[tuple[Any, Any]], plan: _Plan) -> None:
     for layer, new in pairs:
+        if isinstance(new, KerasQuantizedMultiHeadAttention):
+            copy_attention_weights(layer, new)
+            continue
         target = new.layer if isinstance(new, KerasTrainableQuantizationWrapper) else new
         if id(layer) in plan.weights:
             for attribute, value in plan.weights[id(layer)].items():
@@ -612,7 +803,8 @@ def quantize_model(
     Returns:
         A model of the same kind (Sequential or Functional) whose quantized layers are
         `KerasTrainableQuantizationWrapper`s named like the float layers, with `KerasActivationQuantizationHolder`s
-        named `<layer>_activation_quantizer` after them and after the inputs. Quantizer parameters are layer weights
+        named `<layer>_activation_quantizer` after them and after the inputs; each `MultiHeadAttention` is a
+        `KerasQuantizedMultiHeadAttention` with its quantizers inside. Quantizer parameters are layer weights
         (`kernel_threshold`, `activation_threshold`, or `..._range_min` / `..._range_max`) and are saved in `.keras`.
         If `model` was compiled, the copy is compiled with the same settings.
 
@@ -628,10 +820,10 @@ def quantize_model(
             f"model {model.name!r} is already quantized (it holds {', '.join(quantized[:5])}"
             f"{', ...' if len(quantized) > 5 else ''}); give quantize_model the float model"
         )
-    graph = _sequential_graph(model) if isinstance(model, keras.Sequential) else _functional_graph(model)
+    graph = model_graph(model)
     plan = _plan(model, graph, config)
-    if not plan.wrappers:
-        types = config.layer_types if config.layer_types is not None else tuple(QUANTIZABLE_LAYERS)
+    if not plan.wrappers and not plan.attention:
+        types = config.layer_types if config.layer_types is not None else (*QUANTIZABLE_LAYERS, *ATTENTION_LAYERS)
         raise QuantizationConfigError(
             f"{model.name!r} has no layer to quantize: no {', '.join(types)} (or all were skipped by the config)"
         )
