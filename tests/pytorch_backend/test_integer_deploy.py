@@ -522,3 +522,30 @@ def test_the_int32_bias_passes_no_gradient_to_the_steps():
     torch_quantize_bias(bias, scale).sum().backward()
     assert scale.grad is None
     assert torch.equal(bias.grad, torch.ones(2))
+
+
+def test_a_saturated_int32_bias_keeps_its_sign_in_the_onnx_file(tmp_path):
+    """A ReLU that never fires leaves the next holder at the minimum threshold: bias / (Δ_in·Δ_w) passes 2^31 and
+    the bias saturates at the int32 limits, in the converted model and in the file alike."""
+
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv2(torch.relu(self.conv1(x)))
+
+    torch.manual_seed(0)
+    model = Dead()
+    with torch.no_grad():
+        model.conv1.bias.fill_(-10.0)
+        model.conv2.bias.copy_(torch.tensor([0.1, 0.2, -0.3, 0.4]))
+    x = torch.rand(8, 3, 8, 8)
+    converted = convert_to_inferable(quantize_model(model, QATConfig(), [x], progress=False)).eval()
+    saturated = converted.conv2.integer_bias
+    assert saturated.max() == 2**31 - 1
+    assert saturated.min() == -(2**31)
+    report = export_onnx(converted, tmp_path / "dead.onnx", x)
+    assert report.identical == 1.0

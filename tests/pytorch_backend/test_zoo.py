@@ -106,14 +106,7 @@ def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # Library gaps: {case: (why, the tests that fail because of it)}.
-KNOWN_GAPS = {
-    "inception": (
-        "a ReLU that never fires on the representative data leaves the next layer's input quantizer at the minimum "
-        "threshold, its bias / (Δ_in·Δ_w) passes 2^31, and the int32 bias clamped in float32 (2^31 - 1 rounds up "
-        "to 2^31) is written to the file as -2^31: onnxruntime adds a bias of the opposite sign",
-        {"test_onnx_reproduces_the_converted_model"},
-    ),
-}
+KNOWN_GAPS: dict[str, tuple[str, set[str]]] = {}
 
 
 @pytest.fixture(autouse=True)

@@ -38,7 +38,8 @@ def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def integer_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """round(bias / scale) as float64 integers (exact), saturated at the int32 range."""
-    return torch.round(bias.detach().float() / scale).clamp_(INT32_MIN, INT32_MAX).double()
+    # Clamped in float64: INT32_MAX is not a float32 (it rounds to 2^31, which an int32 cast wraps to -2^31).
+    return torch.round(bias.detach().float() / scale).double().clamp_(INT32_MIN, INT32_MAX)
 
 
 def accumulator_dtype(module: nn.Module, x_abs_max: int, w_abs_max: int) -> torch.dtype:
