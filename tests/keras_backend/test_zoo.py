@@ -19,6 +19,7 @@ from trainable_infra.keras_backend import (
     KerasTrainableQuantizationWrapper,
     convert_to_inferable,
     export_tflite,
+    quantization_coverage,
     quantize_model,
 )
 
@@ -97,3 +98,12 @@ def test_tflite_export_runs(converted, trained, tmp_path):
     assert (tmp_path / "m.tflite").stat().st_size > 0
     assert np.isfinite(report.max_abs_diff)
     assert report.argmax_identical >= 0.75
+
+
+def test_every_multiply_accumulate_runs_on_quantized_operands(trained):
+    name, qat, x = trained
+    coverage = quantization_coverage(qat, x[:4])
+    assert coverage.rows, name
+    assert coverage.quantized_share == 1.0, coverage.format()
+    layers_with_kernels = {layer.name for layer in qat.layers if hasattr(layer, "kernel")}
+    assert not layers_with_kernels & set(coverage.float_layers)
