@@ -17,6 +17,7 @@ PACKAGES = {
 EXTRA = {
     "trainable_infra.common.numerics": "NumPy reference of the numerics (the tests' oracle)",
     "trainable_infra.common.calibration": "Initial quantization parameters",
+    "trainable_infra.common.dqa": "DQA's candidates and temperature schedule, shared by both backends",
 }
 
 

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="framework to run on (default: torch if installed, else keras)")
     demo.add_argument("--weight-bits", type=int, default=4, help="weight bit width, 2..16 (default 4)")
     demo.add_argument("--activation-bits", type=int, default=8, help="activation bit width, 2..16 (default 8)")
-    demo.add_argument("--method", choices=["STE", "LSQ"], default="STE", help="training method (default STE)")
+    demo.add_argument("--method", choices=["STE", "LSQ", "DQA"], default="STE",
+                      help="training method of weights and activations (default STE)")
     demo.add_argument("--no-fold-batch-norm", dest="fold_batch_norm", action="store_false",
                       help="keep BatchNorm as a float layer instead of folding it into the convolution before it")
     demo.add_argument("--epochs", type=int, default=10, help="QAT epochs (default 10)")

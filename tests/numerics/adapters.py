@@ -3,8 +3,10 @@
 An adapter drives a backend through its public API only: it finds the quantizer class for a case with
 `get_trainable_quantizer_class`, builds it from a quantization config, calls `initialize_quantization(shape,
 name, layer)` on a bare Keras layer / torch module, calls the quantizer with training True or False, reads the
-gradients of the input and of the trainable quantization variables (`get_trainable_variables(QPARAMS)`), and
-converts with `convert2inferable()`. Tensors go in and come out as numpy arrays. Each adapter also builds the
+gradients of the input and of the trainable quantization variables (`get_trainable_variables(QPARAMS)`; DQA's
+attention logits, `get_trainable_variables(WEIGHTS)`, as "attention"), and converts with `convert2inferable()`.
+A DQA quantizer is put at a step of its schedule through its `step` counter and given the case's logits through
+`attention_logits`. Tensors go in and come out as numpy arrays. Each adapter also builds the
 framework's own fused fake-quant op directly from a case's parameters: the independent oracle of that backend.
 
 Frameworks are imported on first use, so the suite collects (and skips the missing backend) without one.
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.numerics.cases import MIN_THRESHOLD, POT, Case
+from tests.numerics.cases import MIN_THRESHOLD, POT, Case, dqa_logits
 from trainable_infra import (
     TrainableQuantizerActivationConfig,
     TrainableQuantizerWeightsConfig,
@@ -28,7 +30,7 @@ from trainable_infra import (
 )
 from trainable_infra.common import numerics as nm
 
-PARAM_KEYS = ("range_min", "range_max", "threshold")
+PARAM_KEYS = ("range_min", "range_max", "threshold", "attention")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
@@ -46,7 +48,8 @@ def make_config(case: Case, params: dict[str, np.ndarray]):
 
 
 def canonical_name(key: str) -> str:
-    """The parameter a registered variable name refers to ("threshold", "range_min" or "range_max")."""
+    """The parameter a registered variable name refers to ("threshold", "range_min", "range_max" or DQA's
+    "attention")."""
     for name in PARAM_KEYS:
         if key == name or key.endswith(f"_{name}"):
             return name
@@ -108,21 +111,35 @@ class Adapter:
         base = getattr(importlib.import_module(module_name), class_name)
         return get_trainable_quantizer_class(case.quantization_target, case.training, case.method, base)
 
-    def build(self, case: Case, params: dict[str, np.ndarray], shape: tuple[int, ...] | None = None) -> Built:
-        """The case's quantizer with `params`, initialized for a tensor of `shape` (default: the case's)."""
+    def build(self, case: Case, params: dict[str, np.ndarray], shape: tuple[int, ...] | None = None,
+              dqa_step: int | None = None) -> Built:
+        """The case's quantizer with `params`, initialized for a tensor of `shape` (default: the case's).
+
+        A DQA quantizer gets the case's attention logits and is put at `dqa_step` (default: the end of its
+        schedule, where it trains as the b-bit quantizer).
+        """
         quantizer = self.quantizer_class(case)(make_config(case, params))
         layer = self.new_layer()
         quantizer.initialize_quantization(self.init_shape(case, case.shape if shape is None else shape), "q", layer)
-        return Built(case, quantizer, self.place(layer))
+        built = Built(case, quantizer, self.place(layer))
+        if case.is_dqa:
+            step = quantizer.temperature_schedule.t_end if dqa_step is None else dqa_step
+            self.set_dqa_state(built, step, dqa_logits(case))
+        return built
 
-    def trainable(self, built: Built) -> dict[str, Any]:
-        """The trainable quantization variables by parameter name."""
-        variables = built.quantizer.get_trainable_variables(VariableGroup.QPARAMS)
+    def trainable(self, built: Built, group: VariableGroup = VariableGroup.QPARAMS) -> dict[str, Any]:
+        """The trainable variables of `group` (default: the quantization parameters) by parameter name."""
+        variables = built.quantizer.get_trainable_variables(group)
         named = {}
         for key, entry in built.quantizer.quantizer_parameters.items():
             if any(entry.variable is v for v in variables):
                 named[canonical_name(key)] = entry.variable
         return named
+
+    def trained(self, built: Built) -> dict[str, Any]:
+        """Every variable whose gradient `gradients` reports: the trainable quantization parameters and DQA's
+        attention logits."""
+        return {**self.trainable(built), **self.trainable(built, VariableGroup.WEIGHTS)}
 
     def forward(self, built: Built, x: np.ndarray, training: bool) -> np.ndarray:
         """Q(x) for a float32 array x, as a float32 array."""
@@ -131,6 +148,10 @@ class Adapter:
     # --- implemented per framework ------------------------------------------------------------------------
 
     def new_layer(self) -> Any:
+        raise NotImplementedError
+
+    def set_dqa_state(self, built: Built, step: int, logits: np.ndarray) -> None:
+        """Put a DQA quantizer at `step` of its schedule with attention logits `logits`."""
         raise NotImplementedError
 
     def place(self, layer: Any) -> Any:
@@ -150,7 +171,7 @@ class Adapter:
         raise NotImplementedError
 
     def gradients(self, built: Built, x: np.ndarray, dy: np.ndarray, dtype: str = "float32") -> dict[str, np.ndarray]:
-        """Gradients of sum(dy·Q(x)) in training mode: "input" (shape of x) and each trainable parameter (1-D)."""
+        """Gradients of sum(dy·Q(x)) in training mode: "input" (shape of x) and each trained variable (1-D)."""
         raise NotImplementedError
 
     def inferable(self, built: Built, x: np.ndarray) -> np.ndarray:
@@ -184,6 +205,10 @@ class KerasAdapter(Adapter):
 
         return keras.layers.Layer()
 
+    def set_dqa_state(self, built: Built, step: int, logits: np.ndarray) -> None:
+        built.quantizer.step.assign(step)
+        built.quantizer.attention_logits.assign(np.asarray(logits, np.float32))
+
     def init_shape(self, case: Case, shape: tuple[int, ...]) -> Any:
         return shape if case.is_weights else (None, *shape[1:])
 
@@ -207,7 +232,7 @@ class KerasAdapter(Adapter):
         import tensorflow as tf
 
         xt = self._tensor(x, dtype)
-        named = self.trainable(built)
+        named = self.trained(built)
         with tf.GradientTape() as tape:
             tape.watch(xt)
             y = built.quantizer(xt, True)
@@ -265,6 +290,13 @@ class TorchAdapter(Adapter):
 
         return torch.nn.Module()
 
+    def set_dqa_state(self, built: Built, step: int, logits: np.ndarray) -> None:
+        import torch
+
+        with torch.no_grad():
+            built.quantizer.step.fill_(step)
+            built.quantizer.attention_logits.copy_(torch.tensor(logits, dtype=torch.float32))
+
     def place(self, layer: Any) -> Any:
         return layer.to(self.device)
 
@@ -294,7 +326,7 @@ class TorchAdapter(Adapter):
         import torch
 
         xt = self._tensor(x, dtype).requires_grad_()
-        named = self.trainable(built)
+        named = self.trained(built)
         y = built.quantizer(xt, True)
         grads = torch.autograd.grad(
             y, [xt, *named.values()], grad_outputs=self._tensor(dy, str(y.dtype).removeprefix("torch.")),

@@ -1,10 +1,15 @@
 """The matrix of the numerics suite, its parameters, its inputs and the numpy reference of each case.
 
-A case is one quantizer configuration: training method (STE, LSQ) × quantization method (SYMMETRIC,
+A case is one quantizer configuration: training method (STE, LSQ, DQA) × quantization method (SYMMETRIC,
 POWER_OF_TWO, UNIFORM) × target (weights, activation) × n_bits {2, 3, 4, 8} × layout. Weights are signed and
 per-tensor or per-channel along axis 0, 1 or -1 of a rank-4 tensor; symmetric activations are signed or
 unsigned; uniform activations have a range across zero, above it or below it. Everything here is numpy: the
 backends are reached through `tests.numerics.adapters`.
+
+A DQA quantizer trains a mixture of its b, 2b and 4b-bit quantizations until its temperature reaches 0, then the
+b-bit quantizer alone. The matrix builds DQA cases at the end of their schedule (with random attention logits),
+where every promise of the STE quantizers must hold in training too; the mixture itself is checked at
+`DQA_MID_STEP` against `common.numerics.fake_quant_dqa_*` / `dqa_grads_*` (`reference_dqa`).
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import numpy as np
 
 from trainable_infra import QuantizationMethod, QuantizationTarget, TrainingMethod
 from trainable_infra.common import numerics as nm
+from trainable_infra.common.dqa import default_temperature_schedule
 
 f32 = np.float32
 SYM, POT, UNI = QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO, QuantizationMethod.UNIFORM
 METHODS = (SYM, POT, UNI)
-TRAININGS = (TrainingMethod.STE, TrainingMethod.LSQ)
+TRAININGS = (TrainingMethod.STE, TrainingMethod.LSQ, TrainingMethod.DQA)
 BITS = (2, 3, 4, 8)
 MIN_THRESHOLD = 2.0**-16
 WEIGHT_SHAPE = (4, 3, 2, 5)  # 4, 3 or 5 channels along axis 0, 1 or -1
@@ -31,6 +37,8 @@ SYMMETRIC_ACTIVATION_LAYOUTS = ("signed", "unsigned")
 UNIFORM_ACTIVATION_LAYOUTS = ("across-zero", "positive", "negative")
 # |frac(x/Δ + z) - 1/2| below this counts as within float rounding of a rounding tie (float32, |x/Δ| <= 2^9).
 TIE_WINDOW = 1e-3
+# The same for grids of up to 16 bits (DQA's wider candidates), where |x/Δ| reaches 2^16.
+WIDE_TIE_WINDOW = 1e-2
 # The zero point z = round(-a/Δ) of a uniform grid: parameters keep -a/Δ this far from a tie, because the
 # backends round it differently (torch half to even in float32, the TensorFlow op half up).
 ZERO_POINT_MARGIN = 0.05
@@ -67,6 +75,10 @@ class Case:
         return self.training is TrainingMethod.LSQ
 
     @property
+    def is_dqa(self) -> bool:
+        return self.training is TrainingMethod.DQA
+
+    @property
     def axis(self) -> int | None:
         """The channel axis (as configured, possibly negative), None for per-tensor."""
         return WEIGHT_LAYOUTS[self.layout] if self.is_weights else None
@@ -101,7 +113,7 @@ class Case:
 
 
 def all_cases() -> list[Case]:
-    """Every case of the matrix (152)."""
+    """Every case of the matrix (228: 76 per training method)."""
     cases = []
     for training, method, n_bits in itertools.product(TRAININGS, METHODS, BITS):
         for layout in WEIGHT_LAYOUTS:
@@ -113,6 +125,9 @@ def all_cases() -> list[Case]:
 
 
 CASES = all_cases()
+
+
+DQA_CASES = [case for case in CASES if case.is_dqa]
 
 
 def find_case(case_id: str) -> Case:
@@ -283,6 +298,78 @@ def reference_grads(case: Case, params: dict[str, np.ndarray], x: np.ndarray, dy
                                        min_threshold=MIN_THRESHOLD, power_of_two=pot, channel_axis=case.axis,
                                        rounding=rounding)
     return {name: np.asarray(value).reshape(-1) if name != "input" else value for name, value in grads.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DQA
+# ---------------------------------------------------------------------------------------------------------
+
+# The step of the mixture tests: 30% into the default schedule (T = 0.7).
+DQA_MID_STEP = 3 * default_temperature_schedule().t_end // 10
+
+
+def dqa_logits(case: Case) -> np.ndarray:
+    """The case's attention logits: float32 values drawn per case, held in float64."""
+    return _rng(case, "dqa-logits").normal(0.0, 0.5, 3).astype(f32).astype(np.float64)
+
+
+def dqa_temperature(step: int) -> float:
+    """The temperature of the default schedule at `step`."""
+    return float(default_temperature_schedule()(step))
+
+
+def dqa_alpha(case: Case, step: int) -> np.ndarray:
+    """The attention the quantizer of `case` gives its candidates at `step`."""
+    return nm.dqa_attention(dqa_logits(case), dqa_temperature(step), case.n_bits)
+
+
+def dqa_candidates(case: Case) -> list[Case]:
+    """The case at each candidate bit width (b, 2b, 4b, capped at 16), for their grids."""
+    return [dataclasses.replace(case, n_bits=bits) for bits in nm.dqa_candidate_bits(case.n_bits)]
+
+
+def reference_dqa(case: Case, params: dict[str, np.ndarray], x: np.ndarray, step: int,
+                  rounding: nm.Rounding = "half_even", dy: np.ndarray | None = None):
+    """DQA's training forward at `step` by `common.numerics` (in x's dtype), or with `dy` its gradients: "input" and
+    "attention" (the logits', 1-D)."""
+    state = {"logits": dqa_logits(case), "temperature": dqa_temperature(step), "channel_axis": case.axis,
+             "rounding": rounding}
+    if case.is_uniform:
+        low, high = _param_arg(case, params["range_min"]), _param_arg(case, params["range_max"])
+        if dy is None:
+            return nm.fake_quant_dqa_uniform(x, low, high, case.n_bits, **state)
+        grads = nm.dqa_grads_uniform(x, dy, low, high, case.n_bits, **state)
+    else:
+        symmetric = {"min_threshold": MIN_THRESHOLD, "power_of_two": case.method is POT, **state}
+        threshold = _param_arg(case, params["threshold"])
+        if dy is None:
+            return nm.fake_quant_dqa_symmetric(x, threshold, case.n_bits, case.signed, **symmetric)
+        grads = nm.dqa_grads_symmetric(x, dy, threshold, case.n_bits, case.signed, **symmetric)
+    return {"input": grads["input"], "attention": grads["logits"]}
+
+
+def dqa_tolerance(case: Case, params: dict[str, np.ndarray], x: np.ndarray, step: int, ulps: float,
+                  rounding: nm.Rounding = "half_even") -> np.ndarray:
+    """What the mixture may differ by, per element: `ulps` float32 ulps of the largest candidate output (the
+    attention is a float32 softmax in the backends, float64 here), plus α_i·Δ_i for each candidate i whose
+    rounding tie x lies within float rounding of (rule 2, weighted), or everywhere for a uniform candidate whose
+    zero point is near a tie."""
+    alpha = dqa_alpha(case, step)
+    allowed = np.zeros(x.shape, np.float64)
+    largest = np.zeros(x.shape, np.float64)
+    for weight, candidate in zip(alpha, dqa_candidates(case), strict=True):
+        grid = reference_grid(candidate, params, rounding)
+        largest = np.maximum(largest, np.abs(reference_forward(candidate, params, x, rounding).astype(np.float64)))
+        # Float32 holds x/Δ to about 2^-23 of its size, which reaches 2^15 on a 16-bit grid: a wider window there.
+        window = TIE_WINDOW if candidate.n_bits <= 9 else WIDE_TIE_WINDOW
+        near = np.abs(grid.steps(x) - np.floor(grid.steps(x)) - 0.5) < window
+        if case.is_uniform and not _zero_point_is_clear(params["range_min"], params["range_max"], candidate.n_bits):
+            # The parameters keep only the b-bit zero point clear of a tie; a wider candidate's may be rounded
+            # differently by the backends, which moves its whole grid by one of its (small) steps.
+            near = np.ones(x.shape, bool)
+        allowed = allowed + np.where(near, weight * np.broadcast_to(grid.delta, x.shape) * (1 + 1e-5), 0.0)
+    spacing = np.spacing(largest.astype(f32)).astype(np.float64)
+    return allowed + ulps * spacing
 
 
 # ---------------------------------------------------------------------------------------------------------

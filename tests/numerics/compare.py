@@ -113,6 +113,21 @@ def assert_rule2(actual, expected, steps, delta, case: str, ulps: float = ULPS,
     return float(diff[away].max(initial=0.0))
 
 
+def assert_within(actual, expected, allowed, x, case: str) -> None:
+    """Assert |actual - expected| <= allowed element-wise (NaN in both counts as equal)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    diff = np.abs(actual - expected)
+    bad = ~((diff <= allowed) | (np.isnan(actual) & np.isnan(expected)))
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{case}: {int(bad.sum())} of {np.size(actual)} outputs differ by more than allowed; first at x="
+            f"{np.asarray(x)[index]!r}: got {actual[index]!r}, expected {expected[index]!r} (allowed "
+            f"{np.broadcast_to(allowed, actual.shape)[index]!r})"
+        )
+
+
 def probe_inputs(rng: np.random.Generator, shape: tuple[int, ...], delta: np.ndarray, low: np.ndarray,
                  high: np.ndarray) -> np.ndarray:
     """Random values over and beyond the range, with exact grid points, ties and the range ends mixed in.

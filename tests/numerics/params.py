@@ -25,6 +25,7 @@ PAIRS = [
 ]
 CASE_PARAMS = [pytest.param(case, id=case.id) for case in CASES]
 LSQ_CASE_PARAMS = [pytest.param(case, id=case.id) for case in CASES if case.is_lsq]
+DQA_CASE_PARAMS = [pytest.param(case, id=case.id) for case in CASES if case.is_dqa]
 
 
 def backend_case_params(cases, known_bug=lambda backend, case: None, raises: type = AssertionError) -> list:

@@ -10,8 +10,11 @@ class TrainingMethod(Enum):
     string; this enum only names the methods that ship with the library.
     """
 
-    STE = "STE"
-    LSQ = "LSQ"
+    STE = "STE"  # straight-through estimator: fixed threshold or range
+    LSQ = "LSQ"  # learned step size (Esser et al., 2019): the threshold or range is trained
+    # DNN Quantization with Attention (Boukli Hacene et al., 2021): a learned mixture of the b, 2b and 4b-bit
+    # quantizations, annealed to b bits.
+    DQA = "DQA"
 
 
 class VariableGroup(Enum):

@@ -19,6 +19,10 @@ Notation: n = n_bits, s = 1 if signed else 0, K = 2^n - 1.
   of one sample, the paper's N_F), and pass through the clamps above only where the clamp is
   inactive (threshold >= min_threshold, a <= 0, b >= 0, range not held at its minimal width); the
   power-of-two rounding of t passes straight through.
+- DQA (Boukli Hacene et al., 2021): in training, y = Σ α_i·Q_{b_i}(x) over the candidates b_i = (b, 2b, 4b),
+  each capped at 16 bits, on the same threshold or range; α = softmax(ℓ - r/T) with three learned logits ℓ,
+  r_i = log2(b_i/b) and a temperature T annealed to 0, where α = (1, 0, 0) and y is the b-bit Q(x). The input
+  gradient is Σ α_i times each candidate's straight-through mask, the logits' gradient softmax's Jacobian.
 
 Rounding is a parameter: "half_even" is what torch's fake-quant kernels do, "half_up" is what TensorFlow's
 `fake_quant_with_min_max_vars*` ops (used by mct-quantizers' Keras quantizers) do. All maths runs in the
@@ -372,6 +376,168 @@ def lsq_grads_uniform(
         "range_min": _reduce_to(d_min, range_min, channel_axis) * ((np.asarray(range_min) <= 0) & ~held),
         "range_max": _reduce_to(d_max, range_max, channel_axis) * ((np.asarray(range_max) >= 0) & ~held),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DQA: a learned mixture of b, 2b and 4b-bit quantizations, annealed to b bits
+# ---------------------------------------------------------------------------------------------------------
+
+# The widest DQA candidate: the library's widest grid (and the widest TensorFlow's fused op takes).
+DQA_MAX_CANDIDATE_BITS = 16
+# DQA's b: at most 8, so that 2b <= 16 and the three candidates are distinct grids.
+DQA_MAX_BITS = 8
+
+
+def dqa_candidate_bits(n_bits: int) -> tuple[int, int, int]:
+    """DQA's candidate bit widths (b, 2b, 4b), each at most 16."""
+    if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)) or not 2 <= n_bits <= DQA_MAX_BITS:
+        raise QuantizationConfigError(f"n_bits must be an int in 2..{DQA_MAX_BITS} for DQA, got {n_bits!r}")
+    b = int(n_bits)
+    return b, min(2 * b, DQA_MAX_CANDIDATE_BITS), min(4 * b, DQA_MAX_CANDIDATE_BITS)
+
+
+def dqa_penalties(n_bits: int) -> np.ndarray:
+    """r_i = log2(b_i / b): how much wider each candidate is than b bits (0, 1, 2, or less where capped at 16)."""
+    return np.log2(np.asarray(dqa_candidate_bits(n_bits), dtype=np.float64) / n_bits)
+
+
+def dqa_attention(logits: np.ndarray, temperature: float, n_bits: int) -> np.ndarray:
+    """The attention α = softmax(ℓ - r/T) over the candidates (float64).
+
+    `logits` ℓ are the three learned values, r = `dqa_penalties(n_bits)`; T = 0 gives (1, 0, 0) exactly: the
+    b-bit quantizer alone.
+    """
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if logits.shape != (3,):
+        raise QuantizationConfigError(f"logits must hold 3 values (one per candidate), got shape {logits.shape}")
+    temperature = float(temperature)
+    if not (np.isfinite(temperature) and temperature >= 0):
+        raise QuantizationConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    r = dqa_penalties(n_bits)
+    with np.errstate(divide="ignore"):
+        penalty = np.where(r > 0, r / temperature if temperature > 0 else np.inf, 0.0)
+    z = logits - penalty
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def _dqa(x, grad_output, n_bits, logits, temperature, quantize, mask):
+    """The mixture Σ α_i·Q_i(x) (in x's dtype) and, given `grad_output`, its gradients."""
+    x = _as_float_array(x)
+    alpha = dqa_attention(logits, temperature, n_bits)
+    candidates = [quantize(x, bits) for bits in dqa_candidate_bits(n_bits)]
+    if grad_output is None:
+        # Summed from the b-bit term, not from 0: 0 + (-0.0) would turn the b-bit quantizer's -0.0 into +0.0.
+        y = x.dtype.type(alpha[0]) * candidates[0]
+        for a, q in zip(alpha[1:], candidates[1:], strict=True):
+            y = y + x.dtype.type(a) * q
+        return y
+    g = np.asarray(grad_output, dtype=x.dtype).astype(np.float64)
+    inside = sum(a * mask(x, bits) for a, bits in zip(alpha, dqa_candidate_bits(n_bits), strict=True))
+    # ∂y/∂ℓ_j = α_j·(Q_j - Σ_i α_i·Q_i): softmax's Jacobian; r/T does not depend on ℓ.
+    totals = np.array([np.sum(g * q.astype(np.float64)) for q in candidates])
+    return {"input": (g * inside).astype(x.dtype), "logits": alpha * (totals - np.dot(alpha, totals))}
+
+
+def fake_quant_dqa_symmetric(
+    x: np.ndarray,
+    threshold: float | np.ndarray,
+    n_bits: int,
+    signed: bool = True,
+    *,
+    logits: np.ndarray,
+    temperature: float,
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+    power_of_two: bool = False,
+    channel_axis: int | None = None,
+    rounding: Rounding = "half_even",
+) -> np.ndarray:
+    """DQA's training forward on a symmetric (or power-of-two) grid: Σ α_i·Q_{b_i}(x), all on the same threshold.
+
+    α = `dqa_attention(logits, temperature, n_bits)`; at temperature 0 this is `fake_quant_symmetric` at n_bits.
+    """
+    def quantize(v, bits):
+        return fake_quant_symmetric(v, threshold, bits, signed, min_threshold=min_threshold,
+                                    power_of_two=power_of_two, channel_axis=channel_axis, rounding=rounding)
+
+    return _dqa(x, None, n_bits, logits, temperature, quantize, None)
+
+
+def fake_quant_dqa_uniform(
+    x: np.ndarray,
+    range_min: float | np.ndarray,
+    range_max: float | np.ndarray,
+    n_bits: int,
+    *,
+    logits: np.ndarray,
+    temperature: float,
+    channel_axis: int | None = None,
+    rounding: Rounding = "half_even",
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+) -> np.ndarray:
+    """DQA's training forward on a uniform grid: Σ α_i·Q_{b_i}(x), each candidate on the range adjusted to include
+    zero at its own bit width."""
+    def quantize(v, bits):
+        return fake_quant_uniform(v, range_min, range_max, bits, channel_axis=channel_axis, rounding=rounding,
+                                  min_threshold=min_threshold)
+
+    return _dqa(x, None, n_bits, logits, temperature, quantize, None)
+
+
+def dqa_grads_symmetric(
+    x: np.ndarray,
+    grad_output: np.ndarray,
+    threshold: float | np.ndarray,
+    n_bits: int,
+    signed: bool = True,
+    *,
+    logits: np.ndarray,
+    temperature: float,
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+    power_of_two: bool = False,
+    channel_axis: int | None = None,
+    rounding: Rounding = "half_even",
+) -> dict[str, np.ndarray]:
+    """Gradients of sum(grad_output·y) for DQA's training forward on a symmetric grid.
+
+    Returns "input" (Σ α_i times each candidate's straight-through mask) and "logits" (3 values:
+    α_j·(G_j - Σ_i α_i·G_i) with G_i = sum(grad_output·Q_{b_i}(x))). The threshold is fixed.
+    """
+    def quantize(v, bits):
+        return fake_quant_symmetric(v, threshold, bits, signed, min_threshold=min_threshold,
+                                    power_of_two=power_of_two, channel_axis=channel_axis, rounding=rounding)
+
+    def mask(v, bits):
+        return ste_mask_symmetric(v, threshold, bits, signed, min_threshold=min_threshold, power_of_two=power_of_two,
+                                  channel_axis=channel_axis)
+
+    return _dqa(x, grad_output, n_bits, logits, temperature, quantize, mask)
+
+
+def dqa_grads_uniform(
+    x: np.ndarray,
+    grad_output: np.ndarray,
+    range_min: float | np.ndarray,
+    range_max: float | np.ndarray,
+    n_bits: int,
+    *,
+    logits: np.ndarray,
+    temperature: float,
+    channel_axis: int | None = None,
+    rounding: Rounding = "half_even",
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+) -> dict[str, np.ndarray]:
+    """Gradients of sum(grad_output·y) for DQA's training forward on a uniform grid ("input" and "logits", as
+    `dqa_grads_symmetric`). The range is fixed."""
+    def quantize(v, bits):
+        return fake_quant_uniform(v, range_min, range_max, bits, channel_axis=channel_axis, rounding=rounding,
+                                  min_threshold=min_threshold)
+
+    def mask(v, bits):
+        return ste_mask_uniform(v, range_min, range_max, bits, channel_axis=channel_axis, rounding=rounding,
+                                min_threshold=min_threshold)
+
+    return _dqa(x, grad_output, n_bits, logits, temperature, quantize, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------

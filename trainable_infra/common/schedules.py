@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -39,13 +39,19 @@ class LinearAnnealing:
         self.initial_value = check_finite_float("initial_value", initial_value)
         self.target_value = check_finite_float("target_value", target_value)
 
-    def fraction(self, step: float) -> float:
-        """How far along the schedule `step` is, in [0, 1]."""
-        return min(max((step - self.t_start) / (self.t_end - self.t_start), 0.0), 1.0)
+    def fraction(self, step: Any, clip: Callable[[Any, float, float], Any] | None = None) -> Any:
+        """How far along the schedule `step` is, in [0, 1].
 
-    def __call__(self, step: float) -> float:
-        """The value at `step`."""
-        return self.initial_value + self.fraction(step) * (self.target_value - self.initial_value)
+        `step` may be a tensor (give it in float64 so that steps beyond 2^24 stay exact), with `clip(value, 0.0,
+        1.0)` the framework's clip (e.g. `torch.clamp`, `tf.clip_by_value`): the value is then computed inside
+        the framework, where a traced training step can read a step counter variable.
+        """
+        fraction = (step - self.t_start) / (self.t_end - self.t_start)
+        return min(max(fraction, 0.0), 1.0) if clip is None else clip(fraction, 0.0, 1.0)
+
+    def __call__(self, step: Any, clip: Callable[[Any, float, float], Any] | None = None) -> Any:
+        """The value at `step` (a number, or a tensor with its framework's `clip`, as in `fraction`)."""
+        return self.initial_value + self.fraction(step, clip) * (self.target_value - self.initial_value)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable description that `from_dict` inverts."""

@@ -30,6 +30,10 @@ from trainable_infra.keras_backend.inferable_wrappers import (
 from trainable_infra.keras_backend.load import keras_load_quantized_model
 from trainable_infra.keras_backend.quantize import quantize_model
 from trainable_infra.keras_backend.quantizers import (
+    DQASymmetricActivationQuantizer,
+    DQASymmetricWeightQuantizer,
+    DQAUniformActivationQuantizer,
+    DQAUniformWeightQuantizer,
     LSQSymmetricActivationQuantizer,
     LSQSymmetricWeightQuantizer,
     LSQUniformActivationQuantizer,
@@ -44,6 +48,7 @@ from trainable_infra.keras_backend.training import (
     QuantizerFreezeCallback,
     freeze_bn_stats,
     freeze_quantizers,
+    set_dqa_temperature_schedule,
     unfreeze_bn_stats,
     unfreeze_quantizers,
 )
@@ -53,6 +58,10 @@ __all__ = [
     "BaseKerasActivationTrainableQuantizer",
     "BaseKerasTrainableQuantizer",
     "BaseKerasWeightTrainableQuantizer",
+    "DQASymmetricActivationQuantizer",
+    "DQASymmetricWeightQuantizer",
+    "DQAUniformActivationQuantizer",
+    "DQAUniformWeightQuantizer",
     "KerasActivationQuantizationHolder",
     "KerasInferableActivationQuantizationHolder",
     "KerasInferableMultiHeadAttention",
@@ -77,6 +86,7 @@ __all__ = [
     "quantization_coverage",
     "quantization_report",
     "quantize_model",
+    "set_dqa_temperature_schedule",
     "unfreeze_bn_stats",
     "unfreeze_quantizers",
 ]

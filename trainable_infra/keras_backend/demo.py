@@ -14,12 +14,14 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from trainable_infra.common.digits import accuracy_line, load_digits_split
+from trainable_infra.common.dqa import temperature_schedule_for
 from trainable_infra.common.enums import TrainingMethod
 from trainable_infra.common.qat_config import QATConfig
 from trainable_infra.keras_backend.convert import convert_to_inferable
 from trainable_infra.keras_backend.export import export_tflite, tflite_interpreter
 from trainable_infra.keras_backend.quantize import quantize_model
 from trainable_infra.keras_backend.report import quantization_report
+from trainable_infra.keras_backend.training import set_dqa_temperature_schedule
 
 BATCH = 32
 
@@ -98,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     representative = [(x_train[i:i + 256], y_train[i:i + 256]) for i in range(0, len(x_train), 256)]
     qat_model = quantize_model(float_model, config, representative, progress=progress)
     print(accuracy_line("PTQ", accuracy(qat_model, x_test, y_test)))
+    if method is TrainingMethod.DQA:
+        # The temperature reaches 0 after 70% of the QAT steps; the rest trains the b-bit quantizers alone.
+        set_dqa_temperature_schedule(qat_model, temperature_schedule_for(args.epochs * -(-len(x_train) // BATCH)))
     keras.utils.set_random_seed(args.seed + 1)
     train(qat_model, x_train, y_train, args.epochs, 1e-3, "QAT training", progress)
     print(accuracy_line("QAT", accuracy(qat_model, x_test, y_test)))

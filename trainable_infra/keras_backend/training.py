@@ -1,5 +1,5 @@
 """Switches used mid-training: freeze quantizer parameters, freeze BatchNormalization statistics, and a callback
-that applies them at a given epoch of `fit`."""
+that applies them at a given epoch of `fit`, and DQA's temperature schedule."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from typing import Any
 
 import keras
 
+from trainable_infra.common.dqa import DQAQuantizer
 from trainable_infra.common.enums import VariableGroup
 from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.schedules import LinearAnnealing
 from trainable_infra.keras_backend.base_quantizer import BaseKerasTrainableQuantizer
 from trainable_infra.keras_backend.calibrate import all_layers
 
@@ -167,3 +169,25 @@ class QuantizerFreezeCallback(keras.callbacks.Callback):
             freeze_quantizers(self.model)
         if self.freeze_bn_stats_at is not None and epoch >= self.freeze_bn_stats_at:
             freeze_bn_stats(self.model)
+
+
+def set_dqa_temperature_schedule(model: keras.Model, schedule: LinearAnnealing | dict) -> int:
+    """Give every DQA quantizer of `model` the temperature `schedule` (steps count training steps); returns how many
+    quantizers there are.
+
+    The schedule is part of each quantizer's config, so `.keras` files keep it; a train step `fit` traced before
+    is traced again.
+
+    Example:
+        >>> set_dqa_temperature_schedule(qat_model, LinearAnnealing(0, 300, 1.0, 0.0))  # doctest: +SKIP
+    """
+    quantizers = [q for q in quantizers_of(model).values() if isinstance(q, DQAQuantizer)]
+    if not quantizers:
+        raise QuantizationConfigError(
+            "model has no DQA quantizers; make it with quantize_model and "
+            "QATConfig(weight_training_method=TrainingMethod.DQA)"
+        )
+    for quantizer in quantizers:
+        quantizer.set_temperature_schedule(schedule)
+    _retrace(model)
+    return len(quantizers)

@@ -16,6 +16,10 @@ from trainable_infra.pytorch_backend.export import export_onnx
 from trainable_infra.pytorch_backend.integer import IntegerQuantizationWrapper
 from trainable_infra.pytorch_backend.quantize import quantize_model
 from trainable_infra.pytorch_backend.quantizers import (
+    DQASymmetricActivationQuantizer,
+    DQASymmetricWeightQuantizer,
+    DQAUniformActivationQuantizer,
+    DQAUniformWeightQuantizer,
     LSQSymmetricActivationQuantizer,
     LSQSymmetricWeightQuantizer,
     LSQUniformActivationQuantizer,
@@ -29,6 +33,7 @@ from trainable_infra.pytorch_backend.report import quantization_coverage, quanti
 from trainable_infra.pytorch_backend.training import (
     freeze_bn_stats,
     freeze_quantizers,
+    set_dqa_temperature_schedule,
     unfreeze_bn_stats,
     unfreeze_quantizers,
 )
@@ -41,6 +46,10 @@ __all__ = [
     "BasePytorchActivationTrainableQuantizer",
     "BasePytorchTrainableQuantizer",
     "BasePytorchWeightTrainableQuantizer",
+    "DQASymmetricActivationQuantizer",
+    "DQASymmetricWeightQuantizer",
+    "DQAUniformActivationQuantizer",
+    "DQAUniformWeightQuantizer",
     "IntegerQuantizationWrapper",
     "LSQSymmetricActivationQuantizer",
     "LSQSymmetricWeightQuantizer",
@@ -60,6 +69,7 @@ __all__ = [
     "quantization_coverage",
     "quantization_report",
     "quantize_model",
+    "set_dqa_temperature_schedule",
     "unfreeze_bn_stats",
     "unfreeze_quantizers",
 ]

@@ -15,12 +15,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trainable_infra.common.digits import accuracy_line, load_digits_split
+from trainable_infra.common.dqa import temperature_schedule_for
 from trainable_infra.common.enums import TrainingMethod
 from trainable_infra.common.qat_config import QATConfig
 from trainable_infra.pytorch_backend.convert import convert_to_inferable
 from trainable_infra.pytorch_backend.export import export_onnx
 from trainable_infra.pytorch_backend.quantize import quantize_model
 from trainable_infra.pytorch_backend.report import quantization_report
+from trainable_infra.pytorch_backend.training import set_dqa_temperature_schedule
 
 BATCH = 32
 
@@ -94,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     )
     qat_model = quantize_model(float_model, config, batches(x_train, y_train, 256), progress=progress)
     print(accuracy_line("PTQ", accuracy(qat_model, x_test, y_test)))
+    if method is TrainingMethod.DQA:
+        # The temperature reaches 0 after 70% of the QAT steps; the rest trains the b-bit quantizers alone.
+        set_dqa_temperature_schedule(qat_model, temperature_schedule_for(args.epochs * -(-len(x_train) // BATCH)))
     train(qat_model, x_train, y_train, args.epochs, 1e-3, args.seed + 1, "QAT training", progress)
     print(accuracy_line("QAT", accuracy(qat_model, x_test, y_test)))
 

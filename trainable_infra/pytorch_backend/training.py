@@ -1,4 +1,4 @@
-"""Switches used mid-training: freeze quantizer parameters, freeze BatchNorm statistics."""
+"""Switches used mid-training: freeze quantizer parameters, freeze BatchNorm statistics, DQA's schedule."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainable_infra.common.dqa import DQAQuantizer
 from trainable_infra.common.enums import VariableGroup
 from trainable_infra.common.errors import QuantizationConfigError
+from trainable_infra.common.schedules import LinearAnnealing
 from trainable_infra.pytorch_backend.base_quantizer import BasePytorchTrainableQuantizer
 from trainable_infra.pytorch_backend.calibrate import check_model
 
@@ -151,3 +153,21 @@ def save_switches_in_state_dict(model: nn.Module) -> None:
     `model.load_state_dict` set them (`quantize_model` does this for the models it makes)."""
     model.register_state_dict_post_hook(_save_switches)
     model.register_load_state_dict_pre_hook(_load_switches)
+
+
+def set_dqa_temperature_schedule(model: nn.Module, schedule: LinearAnnealing | dict) -> int:
+    """Give every DQA quantizer of `model` the temperature `schedule` (steps count training-mode forward passes);
+    returns how many quantizers there are.
+
+    Example:
+        >>> set_dqa_temperature_schedule(qat_model, LinearAnnealing(0, 300, 1.0, 0.0))  # doctest: +SKIP
+    """
+    quantizers = [q for q in quantizers_of(model).values() if isinstance(q, DQAQuantizer)]
+    if not quantizers:
+        raise QuantizationConfigError(
+            "model has no DQA quantizers; make it with quantize_model and "
+            "QATConfig(weight_training_method=TrainingMethod.DQA)"
+        )
+    for quantizer in quantizers:
+        quantizer.set_temperature_schedule(schedule)
+    return len(quantizers)

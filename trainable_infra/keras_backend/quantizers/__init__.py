@@ -1,5 +1,11 @@
 """The built-in Keras trainable quantizers."""
 
+from trainable_infra.keras_backend.quantizers.dqa import (
+    DQASymmetricActivationQuantizer,
+    DQASymmetricWeightQuantizer,
+    DQAUniformActivationQuantizer,
+    DQAUniformWeightQuantizer,
+)
 from trainable_infra.keras_backend.quantizers.lsq import (
     LSQSymmetricActivationQuantizer,
     LSQSymmetricWeightQuantizer,
@@ -14,6 +20,10 @@ from trainable_infra.keras_backend.quantizers.ste import (
 )
 
 __all__ = [
+    "DQASymmetricActivationQuantizer",
+    "DQASymmetricWeightQuantizer",
+    "DQAUniformActivationQuantizer",
+    "DQAUniformWeightQuantizer",
     "LSQSymmetricActivationQuantizer",
     "LSQSymmetricWeightQuantizer",
     "LSQUniformActivationQuantizer",
