@@ -67,6 +67,7 @@ class Result:
         self.name, self.size = name, size
         self.stages: dict[str, tuple[str, float, str]] = {}
         self.merges = "-"
+        self.share = "-"
         self.errors: list[str] = []
 
     def record(self, stage: str, ok: bool, seconds: float, note: str = "") -> None:
@@ -124,19 +125,34 @@ def merges_held(model) -> tuple[int, int]:
     return count, total
 
 
+def zoo_builders() -> dict:
+    """{name: builder} of the test zoo's blocks (the CNN zoo and the transformer blocks)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.keras_backend.zoo import ZOO
+    from tests.keras_backend.zoo_attention import tiny_swin, tiny_vit
+
+    return {**ZOO, "vit": tiny_vit, "swin": tiny_swin}
+
+
 def run_model(name: str, size: int, args: argparse.Namespace, workdir: Path) -> Result:
     import keras
 
     from trainable_infra import QATConfig
-    from trainable_infra.keras_backend import convert_to_inferable, export_tflite, quantize_model
+    from trainable_infra.keras_backend import convert_to_inferable, export_tflite, quantization_coverage, quantize_model
 
     result = Result(name, size)
     config = QATConfig(weight_n_bits=args.weight_bits, activation_n_bits=args.activation_bits)
     keras.utils.set_random_seed(0)
-    float_model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=CLASSES)
     rng = np.random.default_rng(0)
-    # Pixel values in [0, 255], as the models with a preprocessing layer expect them.
-    images = rng.uniform(0, 255, size=(args.batch * max(args.calib_batches, 2), size, size, 3)).astype(np.float32)
+    if name.startswith("zoo:"):
+        # The test zoo's small re-implementations (tests/keras_backend/zoo*.py), with their own input shapes.
+        float_model = zoo_builders()[name.removeprefix("zoo:")]()
+        shape = tuple(float_model.inputs[0].shape[1:])
+        images = rng.normal(size=(args.batch * max(args.calib_batches, 2), *shape)).astype(np.float32)
+    else:
+        float_model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=CLASSES)
+        # Pixel values in [0, 255], as the models with a preprocessing layer expect them.
+        images = rng.uniform(0, 255, size=(args.batch * max(args.calib_batches, 2), size, size, 3)).astype(np.float32)
     labels = rng.integers(0, CLASSES, len(images))
     calibration = [images[i * args.batch:(i + 1) * args.batch] for i in range(args.calib_batches)]
     x = images[:args.batch]
@@ -152,11 +168,14 @@ def run_model(name: str, size: int, args: argparse.Namespace, workdir: Path) -> 
     result.record("quantize", True, time.perf_counter() - start)
     held, total = merges_held(qat)
     result.merges = f"{held}/{total}"
+    coverage = quantization_coverage(qat, x)
+    result.share = f"{coverage.quantized_share:.2%}"
 
     start = time.perf_counter()
     try:
         qat.compile(optimizer=keras.optimizers.Adam(1e-4),
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
+                    # keras.applications end in a softmax; the zoo's blocks give logits
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=name.startswith("zoo:")))
         history = qat.fit(images[:2 * args.batch], labels[:2 * args.batch], batch_size=args.batch, epochs=1,
                           shuffle=False, verbose=0)
         loss = history.history["loss"][0]
@@ -214,17 +233,18 @@ def run_model(name: str, size: int, args: argparse.Namespace, workdir: Path) -> 
 
 
 def table(results: list[Result]) -> str:
-    header = ["model", "input", *STAGES, "merges held"]
+    header = ["model", "input", *STAGES, "merges held", "quantized MACs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        cells = [r.name, str(r.size), *(r.cell(s) for s in STAGES), r.merges]
+        cells = [r.name, str(r.size), *(r.cell(s) for s in STAGES), r.merges, r.share]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated keras.applications names")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated keras.applications names, or `zoo` for the test zoo's blocks")
     parser.add_argument("--input-size", type=int, default=96, help="image side (raised to each model's minimum)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--calib-batches", type=int, default=2)
@@ -236,7 +256,9 @@ def main() -> None:
     import tensorflow as tf
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if not callable(getattr(keras.applications, n, None))]
+    if names == ["zoo"]:
+        names = [f"zoo:{name}" for name in zoo_builders()]
+    unknown = [n for n in names if not n.startswith("zoo:") and not callable(getattr(keras.applications, n, None))]
     if unknown:
         parser.error(f"not keras.applications models: {unknown}")
     if args.input_size < 32:

@@ -155,14 +155,22 @@ def run_model(name: str, size: int, args, workdir: Path) -> Result:
     import trainable_infra.pytorch_backend as tpb
     from trainable_infra import QATConfig
 
-    torchvision = import_torchvision()
     result = Result(name, size)
     config = QATConfig(weight_n_bits=args.weight_bits, activation_n_bits=args.activation_bits)
     torch.manual_seed(0)
-    float_model = getattr(torchvision.models, name)(weights=None, **EXTRA_KWARGS.get(name, {})).train()
-    data = [(torch.randn(args.batch, 3, size, size), torch.randint(0, 1000, (args.batch,)))
-            for _ in range(args.calib_batches)]
-    x = torch.randn(args.batch, 3, size, size)
+    if name.startswith("zoo:"):
+        # The test zoo's small re-implementations (tests/pytorch_backend/zoo.py), with their own input shapes.
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.pytorch_backend.test_zoo import CASES
+
+        case = CASES[name.removeprefix("zoo:")]
+        float_model, shape = case.build().train(), case.input_shape
+    else:
+        torchvision = import_torchvision()
+        float_model = getattr(torchvision.models, name)(weights=None, **EXTRA_KWARGS.get(name, {})).train()
+        shape = (3, size, size)
+    data = [(torch.randn(args.batch, *shape), torch.randint(0, 10, (args.batch,))) for _ in range(args.calib_batches)]
+    x = torch.randn(args.batch, *shape)
 
     start = time.perf_counter()
     try:
@@ -257,7 +265,8 @@ def table(results: list[Result]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated torchvision model names, or `zoo` for the test zoo's blocks")
     parser.add_argument("--input-size", type=int, default=64, help="image side (ViT-B/16 and Swin-T: at least 224)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--calib-batches", type=int, default=2)
@@ -271,8 +280,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
+    if names == ["zoo"]:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.pytorch_backend.test_zoo import CASES
+
+        names = [f"zoo:{case}" for case in CASES]
     torchvision = import_torchvision()
-    unknown = [n for n in names if not callable(getattr(torchvision.models, n, None))]
+    unknown = [n for n in names if not n.startswith("zoo:") and not callable(getattr(torchvision.models, n, None))]
     if unknown:
         parser.error(f"not torchvision models: {unknown}")
     results = []
