@@ -10,6 +10,13 @@ are quantized, as are both inputs of each product of two activations in the grap
 `keras.ops.matmul` / `@`, `keras.ops.einsum` of two tensors). The layer graph is rebuilt with copies of the layers
 and of the `keras.ops` operations: names and weights are kept, the input model is not touched.
 
+A Sequential or Functional model nested in the model (as keras.applications' ConvNeXt builds its stem and
+downsampling blocks) is inlined: its layers become layers of the rebuilt model, under their own names, and are
+quantized as the outer model's are; overrides match their names. A nested model stays one float layer, with a
+warning, where it is subclassed, called more than once, called with `training=` or `mask=`, has a layer named like a
+different layer of the outer model, or branches inside an outer Sequential model (`inline_nested_models`); a `skip`
+override matching its name keeps it float too.
+
 With `QATConfig.fold_batch_norm` (the default) a BatchNormalization that only reads the output of a quantized layer
 is folded into that layer's kernel and bias from its moving statistics and left out of the rebuilt graph, as
 integer runtimes do; the weight quantizer starts from the folded kernel. With `QATConfig.integer_bias` (the
@@ -281,8 +288,14 @@ class _Call:
     layer: Any  # a Layer, or a stateless Operation (keras.ops applied to symbolic tensors)
     inputs: list[Hashable]
     outputs: list[Hashable]
-    replay: Callable[[Any, dict], Any]  # (new layer, {key: new tensor}) -> outputs
+    replay: Callable[[Any, Any], Any]  # (new layer, {key: new tensor}) -> outputs
     arguments: dict[str, Any] = dataclasses.field(default_factory=dict)  # call argument name -> what was passed
+    # id(a tensor in `arguments`) -> its key, where that is not its id (a call inlined from a nested model)
+    renamed: dict[int, Hashable] = dataclasses.field(default_factory=dict)
+
+    def key(self, tensor: keras.KerasTensor) -> Hashable:
+        """The key of a tensor this call was given (one of `arguments`)."""
+        return self.renamed.get(id(tensor), id(tensor))
 
 
 def input_name(tensor: keras.KerasTensor) -> str:
@@ -297,6 +310,7 @@ class _Graph:
     calls: list[_Call]  # in an order where every call comes after the calls that produce its inputs
     outputs: set[Hashable]  # keys of the model outputs
     dtypes: dict[Hashable, str] = dataclasses.field(default_factory=dict)  # tensor key -> dtype (Functional only)
+    inlined: list[str] = dataclasses.field(default_factory=list)  # names of the nested models inlined into `calls`
 
     def consumers(self) -> dict[Hashable, list[_Call]]:
         found: dict[Hashable, list[_Call]] = {}
@@ -347,6 +361,143 @@ def _sequential_graph(model: keras.Sequential) -> _Graph:
         _Call(layer, [k], [k + 1], lambda new, tensors, k=k: new(tensors[k])) for k, layer in enumerate(model.layers)
     ]
     return _Graph([(0, model.inputs[0])], calls, {len(calls)})
+
+
+# --- nested models ----------------------------------------------------------------------------------------------
+
+
+class _Renamed:
+    """The rebuilt tensors ({key: tensor}) seen by the keys of an inlined model's own graph, which is what the
+    replay of its calls looks them up by (a Functional node looks up the ids of its own input tensors)."""
+
+    def __init__(self, tensors: Any, rename: Mapping[Hashable, Hashable]) -> None:
+        self._tensors, self._rename = tensors, rename
+
+    def __getitem__(self, key: Hashable) -> Any:
+        return self._tensors[self._rename.get(key, key)]
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+def _output_keys(model: keras.Model) -> list[Hashable]:
+    """The keys of `model_graph(model)`'s outputs, in the order of the model's flat outputs."""
+    return [len(model.layers)] if isinstance(model, keras.Sequential) else [id(t) for t in model.outputs]
+
+
+def _is_chain(calls: list[_Call], first: Hashable, last: Hashable) -> bool:
+    """Whether `calls` compute `last` from `first` one after the other, each reading the previous one's output."""
+    key = first
+    for call in calls:
+        if call.inputs != [key] or len(call.outputs) != 1:
+            return False
+        key = call.outputs[0]
+    return key == last
+
+
+def inline_nested_models(model: keras.Model, graph: _Graph, config: QATConfig, notes: list[str]) -> _Graph:
+    """`graph` with each call of a nested Sequential or Functional model replaced by the calls of that model's own
+    layers (recursively), so that they are quantized as the outer model's layers are and the rebuilt model holds
+    them, under their own names, in place of the nested model.
+
+    A nested model stays one call, in float, where it is subclassed (Keras records no graph of it), called more than
+    once (its layers would then be shared by the calls), called with arguments besides its inputs (`training=False`
+    would be lost), where one of its layers is named like a different layer of the outer model, where it passes an
+    input through as an output, or where it branches inside an outer Sequential model; `notes` gets a line saying
+    which and why. A `skip` override matching a nested model's name keeps it in float too, silently.
+    """
+    nested = [call for call in graph.calls if isinstance(call.layer, keras.Model)]
+    if not nested:
+        return graph
+    calls_of = Counter(id(call.layer) for call in graph.calls)
+    # Layer name -> ids of the layers (and model inputs) of that name: a rebuilt model needs unique layer names.
+    owners: dict[str, set[int]] = {}
+    for _, tensor in graph.inputs:
+        owners.setdefault(input_name(tensor), set()).add(id(tensor))
+    for call in graph.calls:
+        owners.setdefault(call.layer.name, set()).add(id(call.layer))
+    calls: list[_Call] = []
+    dtypes = dict(graph.dtypes)
+    inlined = list(graph.inlined)
+    for call in graph.calls:
+        inner = call.layer
+        if not isinstance(inner, keras.Model) or config.for_layer(inner.name).skip:
+            calls.append(call)
+            continue
+        extra = sorted(name for name, value in call.arguments.items() if name != "inputs" and value is not None)
+        sub, reason = None, None
+        if not isinstance(inner, (keras.Sequential, Functional)):
+            reason = f"it is a subclassed model ({type(inner).__name__}), whose graph Keras does not record"
+        elif calls_of[id(inner)] > 1:
+            reason = f"it is called {calls_of[id(inner)]} times, and only a model called once is inlined"
+        elif extra:
+            reason = f"it is called with {', '.join(extra)}, which its inlined layers would not get"
+        else:
+            sub = inline_nested_models(inner, model_graph(inner), config, notes)
+            reason = _inlining_problem(model, call, inner, sub, owners)
+        if reason is not None:
+            notes.append(
+                f"{model.name!r} contains the model {inner.name!r}, which is kept in float: {reason}; call the inner "
+                "model's layers directly in the outer model to quantize them"
+            )
+            calls.append(call)
+            continue
+        owners[inner.name].discard(id(inner))
+        for inner_call in sub.calls:
+            owners.setdefault(inner_call.layer.name, set()).add(id(inner_call.layer))
+        calls.extend(_renamed_calls(call, inner, sub, dtypes))
+        inlined += [inner.name, *sub.inlined]
+    return _Graph(graph.inputs, calls, graph.outputs, dtypes, inlined)
+
+
+def _inlining_problem(
+    model: keras.Model, call: _Call, inner: keras.Model, sub: _Graph, owners: dict[str, set[int]]
+) -> str | None:
+    """Why the nested model `inner` (called by `call`, its graph `sub`) cannot be inlined into `model`, or None."""
+    inputs = keras.tree.flatten(call.arguments["inputs"]) if "inputs" in call.arguments else None
+    if inputs is not None and not all(isinstance(t, keras.KerasTensor) for t in inputs):
+        return "it is called on values that are not tensors of the outer model"
+    inner_inputs, inner_outputs = [key for key, _ in sub.inputs], _output_keys(inner)
+    if (len(inputs if inputs is not None else call.inputs) != len(inner_inputs)
+            or len(inner_outputs) != len(call.outputs)):
+        return "its inputs or outputs do not match those of its call"
+    if len(set(inner_outputs)) != len(inner_outputs) or set(inner_outputs) & set(inner_inputs):
+        return "it gives one of its inputs, or one tensor twice, as outputs"
+    if isinstance(model, keras.Sequential) and not _is_chain(sub.calls, inner_inputs[0], inner_outputs[0]):
+        return "its layers do not form a chain, which the outer Sequential model would need"
+    own = {inner_call.layer.name: id(inner_call.layer) for inner_call in sub.calls}
+    clashes = sorted(name for name, layer in own.items() if owners.get(name, set()) - {id(inner), layer})
+    if clashes:
+        return f"its layers {clashes} are named like layers of {model.name!r}"
+    return None
+
+
+def _renamed_calls(call: _Call, inner: keras.Model, sub: _Graph, dtypes: dict[Hashable, str]) -> list[_Call]:
+    """The calls of `sub` (the graph of `inner`, which `call` calls) on the keys of the outer graph: its inputs and
+    outputs become those of `call`, its other tensors get keys of their own (a Sequential graph's are small ints,
+    like the outer model's). Adds their dtypes to `dtypes`."""
+    inputs = keras.tree.flatten(call.arguments["inputs"]) if "inputs" in call.arguments else None
+    outer_inputs = [call.key(t) for t in inputs] if inputs is not None else call.inputs
+    rename: dict[Hashable, Hashable] = {}
+    for inner_call in sub.calls:
+        rename.update((key, (id(inner), key)) for key in [*inner_call.inputs, *inner_call.outputs])
+    rename.update(zip([key for key, _ in sub.inputs], outer_inputs, strict=True))
+    rename.update(zip(_output_keys(inner), call.outputs, strict=True))
+    dtypes.update((rename[key], dtype) for key, dtype in sub.dtypes.items() if key in rename)
+    renamed = []
+    for inner_call in sub.calls:
+        given = keras.tree.flatten(list(inner_call.arguments.values()))
+        tensors = [t for t in given if isinstance(t, keras.KerasTensor)]
+        renamed.append(_Call(
+            inner_call.layer, [rename[key] for key in inner_call.inputs], [rename[key] for key in inner_call.outputs],
+            lambda layer, tensors, replay=inner_call.replay: replay(layer, _Renamed(tensors, rename)),
+            inner_call.arguments,
+            {id(t): rename.get(inner_call.key(t), inner_call.key(t)) for t in tensors},
+        ))
+    return renamed
 
 
 # --- where the holders go -----------------------------------------------------------------------------------
@@ -465,7 +616,7 @@ class _Plan:
 
 
 def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
-    names = [input_name(t) for _, t in graph.inputs] + [c.layer.name for c in graph.calls]
+    names = [input_name(t) for _, t in graph.inputs] + [c.layer.name for c in graph.calls] + graph.inlined
     check_overrides(config, list(dict.fromkeys(names)))
     consumers = graph.consumers()
     calls_of = Counter(id(c.layer) for c in graph.calls)
@@ -514,12 +665,6 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
                 f"{layer.name!r} is a {type(layer).__name__}, a subclass of MultiHeadAttention, and is kept in float: "
                 "quantize_model replaces keras.layers.MultiHeadAttention itself by a quantized attention layer, which "
                 "would drop what the subclass computes differently", stacklevel=3,
-            )
-        elif isinstance(layer, keras.Model):
-            warnings.warn(
-                f"{model.name!r} contains the model {layer.name!r}, which is kept in float: quantize_model quantizes "
-                "the layers of the outer model only; call the inner model's layers directly in the outer model to "
-                "quantize them", stacklevel=3,
             )
 
     holders = plan.holders
@@ -620,7 +765,7 @@ def _quantize_input(
 
 def _attention_inputs(call: _Call) -> list[Hashable]:
     """The keys of the query, value and key tensors an attention call reads (not its masks)."""
-    keys = [id(call.arguments[name]) for name in ("query", "value", "key")
+    keys = [call.key(call.arguments[name]) for name in ("query", "value", "key")
             if isinstance(call.arguments.get(name), keras.KerasTensor)]
     return list(dict.fromkeys(keys))
 
@@ -820,7 +965,10 @@ def quantize_model(
             f"model {model.name!r} is already quantized (it holds {', '.join(quantized[:5])}"
             f"{', ...' if len(quantized) > 5 else ''}); give quantize_model the float model"
         )
-    graph = model_graph(model)
+    notes: list[str] = []
+    graph = inline_nested_models(model, model_graph(model), config, notes)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     plan = _plan(model, graph, config)
     if not plan.wrappers and not plan.attention:
         types = config.layer_types if config.layer_types is not None else (*QUANTIZABLE_LAYERS, *ATTENTION_LAYERS)
