@@ -26,6 +26,7 @@ InceptionV3 75, the others 32).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,10 +48,17 @@ CLASSES = 10
 
 # Loads each `.keras` file in a new interpreter, as a deployment would: nothing of this process is registered there.
 _FRESH_PROCESS = """
+import importlib
+import os
 import sys
 import numpy as np
 import keras
 from trainable_infra.keras_backend import keras_load_quantized_model
+
+# The test zoo's own layers (LayerScale, RelativePositionBias) register themselves when their module is imported.
+for module in filter(None, os.environ.get("ZOO_MODULES", "").split(",")):
+    sys.path.insert(0, os.environ["ZOO_ROOT"])
+    importlib.import_module(module)
 
 x = np.load(sys.argv[1])
 for path in sys.argv[2:]:
@@ -207,8 +215,12 @@ def run_model(name: str, size: int, args: argparse.Namespace, workdir: Path) -> 
             paths.append(str(workdir / f"{name}-converted.keras"))
             converted.save(paths[1])
         np.save(workdir / "x.npy", x)
+        environment = dict(os.environ)
+        if name.startswith("zoo:"):
+            environment.update(ZOO_ROOT=str(Path(__file__).resolve().parents[1]),
+                               ZOO_MODULES="tests.keras_backend.zoo,tests.keras_backend.zoo_attention")
         process = subprocess.run([sys.executable, "-c", textwrap.dedent(_FRESH_PROCESS), str(workdir / "x.npy"),
-                                  *paths], capture_output=True, text=True, timeout=1800)
+                                  *paths], capture_output=True, text=True, timeout=1800, env=environment)
         if process.returncode != 0:
             raise RuntimeError(f"the fresh process failed: {process.stderr.strip().splitlines()[-1]}")
         notes = []
