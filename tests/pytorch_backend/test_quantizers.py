@@ -1,4 +1,8 @@
-"""Every built-in PyTorch quantizer against its inferable quantizer (rule 1) and the numpy reference (rule 2)."""
+"""Every built-in PyTorch quantizer against its inferable quantizer (rule 1) and the numpy reference (rule 2).
+
+DQA quantizers are built at the end of their temperature schedule, where they train as their b-bit quantizer and
+all of this holds; their mixture is tested by tests/numerics and test_dqa.py.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ from trainable_infra import (
 )
 from trainable_infra.common import numerics as nm
 from trainable_infra.pytorch_backend import (
+    DQASymmetricActivationQuantizer,
+    DQASymmetricWeightQuantizer,
+    DQAUniformActivationQuantizer,
+    DQAUniformWeightQuantizer,
     LSQSymmetricActivationQuantizer,
     LSQSymmetricWeightQuantizer,
     LSQUniformActivationQuantizer,
@@ -39,6 +47,10 @@ QUANTIZERS = {
     (TrainingMethod.LSQ, "weights", True): LSQUniformWeightQuantizer,
     (TrainingMethod.LSQ, "activation", False): LSQSymmetricActivationQuantizer,
     (TrainingMethod.LSQ, "activation", True): LSQUniformActivationQuantizer,
+    (TrainingMethod.DQA, "weights", False): DQASymmetricWeightQuantizer,
+    (TrainingMethod.DQA, "weights", True): DQAUniformWeightQuantizer,
+    (TrainingMethod.DQA, "activation", False): DQASymmetricActivationQuantizer,
+    (TrainingMethod.DQA, "activation", True): DQAUniformActivationQuantizer,
 }
 MIN_THRESHOLD = 2.0**-16
 # CPU always; CUDA too where a GPU is present (the fused kernels are the CUDA path).
@@ -116,6 +128,8 @@ def build(case: Case, seed: int = 0, device: str = "cpu"):
     quantizer = QUANTIZERS[(case.training, case.target, case.method is UNI)](config)
     layer = torch.nn.Module()
     quantizer.initialize_quantization(case.shape if case.target == "weights" else None, "t", layer)
+    if case.training is TrainingMethod.DQA:
+        quantizer.step.fill_(quantizer.temperature_schedule.t_end)
     layer.to(device)
     return quantizer, layer, params
 
@@ -208,8 +222,8 @@ def test_gradients_match_reference(case, device):
     learning = []
     for name in names:
         variable = quantizer.get_quantizer_variable(name)
-        if case.training is TrainingMethod.STE:
-            assert variable.grad is None, f"{case.id}: STE {name} must not be trained"
+        if case.training is not TrainingMethod.LSQ:
+            assert variable.grad is None, f"{case.id}: {case.training.name} {name} must not be trained"
             continue
         expected = np.asarray(ref[name], np.float64).reshape(-1)
         grad = variable.grad.cpu().numpy()
@@ -227,8 +241,10 @@ def test_trainable_variables_follow_method_and_freeze(training):
     quantizer, layer, _ = build(case)
     expected = 1 if training is TrainingMethod.LSQ else 0
     assert len(quantizer.get_trainable_variables(VariableGroup.QPARAMS)) == expected
-    assert quantizer.get_trainable_variables(VariableGroup.WEIGHTS) == []
-    assert [name for name, _ in layer.named_parameters()] == ["t_threshold"]
+    # DQA's attention logits are trained with the weights.
+    dqa = training is TrainingMethod.DQA
+    assert len(quantizer.get_trainable_variables(VariableGroup.WEIGHTS)) == int(dqa)
+    assert [name for name, _ in layer.named_parameters()] == ["t_threshold"] + ["t_attention"] * dqa
     frozen = type(quantizer)(quantizer.quantization_config, freeze_quant_params=True)
     frozen.initialize_quantization(case.shape, "t", torch.nn.Module())
     assert frozen.get_trainable_variables(VariableGroup.QPARAMS) == []

@@ -79,8 +79,7 @@ class _DQA(DQAQuantizer):
         # The fused op computes in float32; the mixture too, cast back to the input's dtype at the end.
         x = tf.cast(tf.convert_to_tensor(inputs), tf.float32)
         output = None
-        for index, bits in enumerate(self.candidate_bits):
-            low, high = self.candidate_range(bits)
+        for index, (bits, (low, high)) in enumerate(zip(self.candidate_bits, self.candidate_ranges(), strict=True)):
             term = alpha[index] * fake_quant(x, low, high, bits, self.axis)
             # Summed from the b-bit term: starting from 0 would turn its -0.0 into +0.0.
             output = term if output is None else output + term
@@ -88,17 +87,18 @@ class _DQA(DQAQuantizer):
 
 
 class _DQASymmetric(_DQA, SymmetricGrid):
-    def candidate_range(self, bits: int) -> tuple[tf.Tensor, tf.Tensor]:
-        """The fused op's (min, max) for the candidate with `bits` bits on the same threshold."""
+    def candidate_ranges(self) -> list[tuple[tf.Tensor, tf.Tensor]]:
+        """The fused op's (min, max) for each candidate, on the same threshold."""
         p = self.params
         t = effective_threshold(tf.convert_to_tensor(self.threshold), p.min_threshold, p.power_of_two)
-        return symmetric_range(t, bits, p.signed)
+        return [symmetric_range(t, bits, p.signed) for bits in self.candidate_bits]
 
 
 class _DQAUniform(_DQA, UniformGrid):
-    def candidate_range(self, bits: int) -> tuple[tf.Tensor, tf.Tensor]:
-        """The fused op's (min, max) for the candidate with `bits` bits: the range adjusted to include zero."""
-        return uniform_range(*self._effective_range(), bits)
+    def candidate_ranges(self) -> list[tuple[tf.Tensor, tf.Tensor]]:
+        """The fused op's (min, max) for each candidate: the range adjusted to include zero at its bit width."""
+        low, high = self._effective_range()
+        return [uniform_range(low, high, bits) for bits in self.candidate_bits]
 
 
 @keras.saving.register_keras_serializable(package="trainable_infra")

@@ -86,9 +86,7 @@ class _DQA(DQAQuantizer):
         # The mixture is computed in float32 (or float64), as each candidate's grid is.
         work = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
         output = None
-        for weight, bits, (q_min, q_max) in zip(alpha, self.candidate_bits, self._candidate_ranges, strict=True):
-            delta, zero_point = self.candidate_grid(bits)
-            low, high = self.bounds_of(delta, zero_point, q_min, q_max)
+        for weight, (delta, zero_point, low, high, q_min, q_max) in zip(alpha, self.candidate_grids(), strict=True):
             q = STEFakeQuantize.apply(work, delta, zero_point, low, high, self.axis, self.view, q_min, q_max)
             # Summed from the b-bit term: starting from 0 would turn its -0.0 into +0.0.
             output = weight * q if output is None else output + weight * q
@@ -100,14 +98,16 @@ class _DQASymmetric(_DQA, SymmetricGrid):
         """(q_min, q_max) of the candidate with `bits` bits."""
         return symmetric_int_range(bits, self.params.signed)
 
-    def candidate_grid(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Δ, zero point) of the candidate with `bits` bits: the same threshold, Δ = t / 2^(bits - s)."""
-        delta = (self.effective_threshold() / float(2 ** (bits - int(self.params.signed)))).detach()
-        return delta, torch.zeros_like(delta, dtype=torch.int32)
-
-    def bounds_of(self, delta: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int):
-        d = delta.view(self.view)
-        return d * q_min, d * q_max
+    def candidate_grids(self) -> list[tuple]:
+        """(Δ, zero point, low, high, q_min, q_max) of each candidate: the same threshold, Δ = t / 2^(bits - s)."""
+        t = self.effective_threshold().detach()
+        signed = int(self.params.signed)
+        grids = []
+        for bits, (q_min, q_max) in zip(self.candidate_bits, self._candidate_ranges, strict=True):
+            delta = t / float(2 ** (bits - signed))
+            d = delta.view(self.view)
+            grids.append((delta, torch.zeros_like(delta, dtype=torch.int32), d * q_min, d * q_max, q_min, q_max))
+        return grids
 
 
 class _DQAUniform(_DQA, UniformGrid):
@@ -115,16 +115,17 @@ class _DQAUniform(_DQA, UniformGrid):
         """(0, 2^bits - 1): the candidate's integer grid."""
         return 0, 2**bits - 1
 
-    def candidate_grid(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Δ, zero point) of the candidate with `bits` bits, on the same range adjusted to include zero."""
+    def candidate_grids(self) -> list[tuple]:
+        """(Δ, zero point, low, high, q_min, q_max) of each candidate, on the same range adjusted to include zero at
+        the candidate's bit width."""
         low, high = self.effective_range()
-        levels = 2**bits - 1
-        delta = (high - low) / levels
-        return delta, torch.round(-low / delta).clamp(0, levels).to(torch.int32)
-
-    def bounds_of(self, delta: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int):
-        d, z = delta.view(self.view), zero_point.view(self.view)
-        return -z * d, (q_max - z) * d
+        grids = []
+        for q_min, q_max in self._candidate_ranges:
+            delta = (high - low) / q_max
+            zero_point = torch.round(-low / delta).clamp(0, q_max).to(torch.int32)
+            d, z = delta.view(self.view), zero_point.view(self.view)
+            grids.append((delta, zero_point, -z * d, (q_max - z) * d, q_min, q_max))
+        return grids
 
 
 @mark_quantizer(QuantizationTarget.Weights, _SYMMETRIC_METHODS, TrainingMethod.DQA)
