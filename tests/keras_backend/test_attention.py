@@ -365,15 +365,18 @@ def test_coverage_counts_multiply_accumulates_of_every_layer_kind():
     assert float_coverage.quantized_macs == 0
     qat = quantize_model(model, QATConfig(fold_batch_norm=False), batch, progress=False)
     coverage = quantization_coverage(qat, batch)
-    assert macs(coverage) == expected
+    split = {("sep_" + key[5:-1] if key.startswith("sep ") else key): value for key, value in expected.items()}
+    assert macs(coverage) == split
     assert coverage.float_layers == ("bn",)
+    assert coverage.quantized_share == 1.0
+    # Kept whole, the pointwise half of a separable convolution reads the depthwise half's float output.
+    whole = quantize_model(model, QATConfig(fold_batch_norm=False, overrides={"sep": {"skip": True}}), batch,
+                           progress=False)
+    coverage = quantization_coverage(whole, batch)
+    assert macs(coverage) == expected
     rows = {(row.layer, row.op): row for row in coverage.rows}
-    # The pointwise half of a separable convolution reads the depthwise half's float output.
     assert rows[("sep", "SeparableConv2D (pointwise)")] == MacRow(
-        "sep", "SeparableConv2D (pointwise)", expected["sep (pointwise)"], True, False)
-    unquantized = sum(r.macs for r in coverage.rows if not r.quantized)
-    assert unquantized == expected["sep (pointwise)"]
-    assert coverage.quantized_share == pytest.approx(1 - unquantized / sum(expected.values()))
+        "sep", "SeparableConv2D (pointwise)", expected["sep (pointwise)"], False, False)
 
 
 def test_coverage_counts_attention_by_hand():

@@ -31,12 +31,15 @@ from trainable_infra.keras_backend import (
 from trainable_infra.keras_backend.fake_quant import integer_bias
 
 X = np.random.default_rng(0).uniform(-1.0, 1.0, size=(8, 6, 6, 3)).astype(np.float32)
-ROUNDED = ("conv", "depthwise", "dense", "head")  # each reads a holder's output (dense through Flatten)
+# Each reads a holder's output (dense through Flatten; the separable convolution's pointwise part the holder on its
+# depthwise part's output).
+ROUNDED = ("conv", "depthwise", "separable_pointwise", "dense", "head")
 
 
 def bias_model(seed: int = 0) -> keras.Model:
     """Biases far from their grids: conv and depthwise (multiplier 2) after holders, a separable convolution
-    (its pointwise input is no holder's output), a dense layer reading a holder through a Flatten and a dense head
+    (split into a depthwise part without bias and a pointwise part after its holder), a dense layer reading a holder
+    through a Flatten and a dense head
     after a holder."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((6, 6, 3), name="x")
@@ -97,9 +100,10 @@ def qat():
 
 def test_layers_reading_a_holder_round_their_bias_on_its_grid(qat):
     found = _wrappers(qat)
-    assert {name for name, w in found.items() if w.input_holder is not None} == set(ROUNDED)
+    assert {name for name, w in found.items() if w.input_holder is not None} == {*ROUNDED, "separable_depthwise"}
+    assert found["separable_pointwise"].input_holder == "separable_depthwise_activation_quantizer"
     assert found["conv"].input_holder == "x_activation_quantizer"
-    assert found["dense"].input_holder == "separable_activation_quantizer"  # through the Flatten
+    assert found["dense"].input_holder == "separable_pointwise_activation_quantizer"  # through the Flatten
     assert found["head"].input_holder == "dense_activation_quantizer"
     for name in ROUNDED:
         expected = _expected_bias(qat, name)
@@ -197,7 +201,8 @@ def test_integer_bias_off_keeps_the_float_bias():
     for name in ROUNDED:
         wrapper = _wrappers(model)[name]
         assert wrapper.integer_bias() is None
-        np.testing.assert_array_equal(_bias_in_forward(wrapper), float_model.get_layer(name).bias.numpy())
+        float_layer = float_model.get_layer(name.removesuffix("_pointwise"))  # the pointwise part has its bias
+        np.testing.assert_array_equal(_bias_in_forward(wrapper), float_layer.bias.numpy())
     converted = convert_to_inferable(model)
     np.testing.assert_array_equal(converted.get_layer("conv").layer.bias.numpy(),
                                   float_model.get_layer("conv").bias.numpy())

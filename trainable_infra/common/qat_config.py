@@ -197,7 +197,9 @@ class QATConfig:
         activation_calibration: how `calibrate` sets activation parameters from data: "minmax" (observed
             extremes) or "mse" (minimising the quantization error on a sample of the observed values).
         overrides: per-layer exceptions, a sequence of `LayerOverride` or a dict {pattern: settings};
-            when several match a layer they apply in order, later ones winning.
+            when several match a layer they apply in order, later ones winning. A Keras separable convolution,
+            which `quantize_model` splits into `<name>_depthwise` and `<name>_pointwise`, is matched by its own
+            name and the settings apply to both parts; `skip` keeps it whole, in float.
         fold_batch_norm: fold a BatchNorm that directly follows a convolution or dense / linear layer (its only
             consumer) into that layer's weight and bias from its running statistics, as integer runtimes do,
             before the weight quantizer is initialised; the BatchNorm is removed.

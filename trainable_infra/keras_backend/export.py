@@ -482,9 +482,10 @@ def export_tflite(
     The converted model computes its convolutions and dense layers between holders as the interpreter's int8
     kernels do (`integer.integer_forward`); additions, concatenations (layers, or `a + b` and `keras.ops.concatenate`
     between holders' outputs, which the converter writes as the same int8 ADD / CONCATENATION) and poolings stay
-    float operations in Keras, and a separable convolution stays a float kernel in TFLite (its pointwise input is
-    on no grid), so the outputs can differ by a step where a value falls near a rounding boundary: `report.identical`
-    and `report.argmax_identical` say how much (benchmarks/fidelity.py --backend keras measures it).
+    float operations in Keras, and a separable convolution that a `skip` override keeps whole stays a float kernel
+    in TFLite (`quantize_model` splits the others into int8 depthwise and 1x1 convolutions), so the outputs can
+    differ by a step where a value falls near a rounding boundary: `report.identical` and `report.argmax_identical`
+    say how much (benchmarks/fidelity.py --backend keras measures it).
 
     Args:
         model: a converted Keras model (its quantizers are mct-quantizers Keras inferable quantizers).

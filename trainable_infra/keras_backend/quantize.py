@@ -10,6 +10,13 @@ are quantized, as are both inputs of each product of two activations in the grap
 `keras.ops.matmul` / `@`, `keras.ops.einsum` of two tensors). The layer graph is rebuilt with copies of the layers
 and of the `keras.ops` operations: names and weights are kept, the input model is not touched.
 
+A SeparableConv1D/2D becomes a depthwise convolution `<name>_depthwise` (its depthwise kernel, strides, padding,
+dilation and multiplier), a holder on its output, and a 1x1 convolution `<name>_pointwise` (its pointwise kernel,
+bias and activation), as TFLite's converter splits it: integer runtimes have no separable kernel, and the
+intermediate activation would otherwise stay float. The parts are quantized as any depthwise and 1x1 convolution
+(a BatchNormalization after the separable convolution folds into the pointwise part); overrides on the separable
+convolution's name apply to both parts, and a `skip` override keeps it whole and float.
+
 A Sequential or Functional model nested in the model (as keras.applications' ConvNeXt builds its stem and
 downsampling blocks) is inlined: its layers become layers of the rebuilt model, under their own names, and are
 quantized as the outer model's are; overrides match their names. A nested model stays one float layer, with a
@@ -311,6 +318,13 @@ class _Graph:
     outputs: set[Hashable]  # keys of the model outputs
     dtypes: dict[Hashable, str] = dataclasses.field(default_factory=dict)  # tensor key -> dtype (Functional only)
     inlined: list[str] = dataclasses.field(default_factory=list)  # names of the nested models inlined into `calls`
+    # name of a part of a split separable convolution -> the separable convolution's name (`split_separable_convs`)
+    origins: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def settings(self, config: QATConfig, name: str) -> LayerSettings:
+        """The settings of the layer or holder base `name`: a part of a split separable convolution takes those of
+        the separable convolution, so that overrides on its name apply to both parts."""
+        return config.for_layer(self.origins.get(name, name))
 
     def consumers(self) -> dict[Hashable, list[_Call]]:
         found: dict[Hashable, list[_Call]] = {}
@@ -500,6 +514,91 @@ def _renamed_calls(call: _Call, inner: keras.Model, sub: _Graph, dtypes: dict[Ha
     return renamed
 
 
+# --- separable convolutions ------------------------------------------------------------------------------------
+
+_SEPARABLE_PARTS: dict[type, tuple[type[keras.layers.Layer], type[keras.layers.Layer]]] = {
+    keras.layers.SeparableConv1D: (keras.layers.DepthwiseConv1D, keras.layers.Conv1D),
+    keras.layers.SeparableConv2D: (keras.layers.DepthwiseConv2D, keras.layers.Conv2D),
+}
+
+
+def separable_parts(layer: keras.layers.Layer) -> tuple[keras.layers.Layer, keras.layers.Layer]:
+    """A built depthwise convolution `<name>_depthwise` (the depthwise kernel, strides, padding, dilation; no bias,
+    no activation) and a built 1x1 convolution `<name>_pointwise` (the pointwise kernel, bias and activation) that
+    compute what the separable convolution `layer` does, with copies of its weights; `layer` is not changed."""
+    depthwise_class, pointwise_class = next(
+        parts for cls, parts in _SEPARABLE_PARTS.items() if isinstance(layer, cls))
+    config = layer.get_config()
+    rank = len(layer.kernel_size)
+    common = {"data_format": config["data_format"], "dtype": layer.dtype_policy, "trainable": layer.trainable}
+    depthwise = depthwise_class(
+        kernel_size=config["kernel_size"], strides=config["strides"], padding=config["padding"],
+        depth_multiplier=config["depth_multiplier"], dilation_rate=config["dilation_rate"], use_bias=False,
+        depthwise_initializer=config["depthwise_initializer"], depthwise_regularizer=config["depthwise_regularizer"],
+        depthwise_constraint=config["depthwise_constraint"], name=f"{layer.name}_depthwise", **common,
+    )
+    pointwise = pointwise_class(
+        filters=config["filters"], kernel_size=1, activation=config["activation"], use_bias=config["use_bias"],
+        kernel_initializer=config["pointwise_initializer"], kernel_regularizer=config["pointwise_regularizer"],
+        kernel_constraint=config["pointwise_constraint"], bias_initializer=config["bias_initializer"],
+        bias_regularizer=config["bias_regularizer"], bias_constraint=config["bias_constraint"],
+        activity_regularizer=config["activity_regularizer"], name=f"{layer.name}_pointwise", **common,
+    )
+    in_channels, multiplier = layer.depthwise_kernel.shape[-2:]
+    for part, channels in ((depthwise, in_channels), (pointwise, in_channels * multiplier)):
+        shape: list[int | None] = [None] * (rank + 2)
+        shape[-1 if layer.data_format == "channels_last" else 1] = channels
+        part.build(tuple(shape))
+    depthwise.kernel.assign(layer.depthwise_kernel.numpy())
+    pointwise.kernel.assign(layer.pointwise_kernel.numpy())
+    if layer.use_bias:
+        pointwise.bias.assign(layer.bias.numpy())
+    return depthwise, pointwise
+
+
+def split_separable_convs(model: keras.Model, graph: _Graph, config: QATConfig, notes: list[str]) -> _Graph:
+    """`graph` with each call of a SeparableConv1D/2D that `config` quantizes replaced by a call of its depthwise
+    part, whose output gets a holder, and a call of its 1x1 pointwise part (`separable_parts`): integer runtimes have
+    no separable kernel (TFLite's converter splits it the same way, with an int8 tensor in between), and the parts
+    are then quantized as any depthwise and 1x1 convolution, a following BatchNormalization folding into the
+    pointwise part. A `skip` override on the separable convolution's name keeps it whole, in float; where a layer
+    of the model is named like one of its parts it stays whole too and `notes` gets a line saying so."""
+    names = {input_name(t) for _, t in graph.inputs} | {call.layer.name for call in graph.calls}
+    parts: dict[int, tuple[keras.layers.Layer, keras.layers.Layer] | None] = {}  # None: kept whole
+    calls: list[_Call] = []
+    dtypes = dict(graph.dtypes)
+    origins = dict(graph.origins)
+    for index, call in enumerate(graph.calls):
+        layer = call.layer
+        if (not isinstance(layer, tuple(_SEPARABLE_PARTS)) or quantized_kernels(layer, config) is None
+                or config.for_layer(layer.name).skip or len(call.outputs) != 1):
+            calls.append(call)
+            continue
+        if id(layer) not in parts:
+            clashes = sorted({f"{layer.name}_depthwise", f"{layer.name}_pointwise"} & names)
+            if clashes:
+                notes.append(
+                    f"{model.name!r} has layers named {clashes}, the names the parts of the separable convolution "
+                    f"{layer.name!r} would take: it is kept whole, with its intermediate activation in float"
+                )
+                parts[id(layer)] = None
+            else:
+                parts[id(layer)] = separable_parts(layer)
+                names.update(f"{layer.name}_{part}" for part in ("depthwise", "pointwise"))
+                origins.update((f"{layer.name}_{part}", layer.name) for part in ("depthwise", "pointwise"))
+        split = parts[id(layer)]
+        if split is None:
+            calls.append(call)
+            continue
+        middle = ("separable", id(layer), index)
+        if call.outputs[0] in dtypes:
+            dtypes[middle] = dtypes[call.outputs[0]]
+        calls.append(dataclasses.replace(call, layer=split[0], outputs=[middle]))
+        calls.append(_Call(split[1], [middle], list(call.outputs),
+                           lambda new, tensors, middle=middle: new(tensors[middle])))
+    return dataclasses.replace(graph, calls=calls, dtypes=dtypes, origins=origins)
+
+
 # --- where the holders go -----------------------------------------------------------------------------------
 
 
@@ -617,6 +716,7 @@ class _Plan:
 
 def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
     names = [input_name(t) for _, t in graph.inputs] + [c.layer.name for c in graph.calls] + graph.inlined
+    names += list(graph.origins.values())
     check_overrides(config, list(dict.fromkeys(names)))
     consumers = graph.consumers()
     calls_of = Counter(id(c.layer) for c in graph.calls)
@@ -637,9 +737,13 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
             continue
         if not isinstance(layer, keras.layers.Layer):
             continue
-        kernels = quantized_kernels(layer, config)
+        if layer.name in graph.origins:
+            # A part of a split separable convolution: quantized whatever `layer_types` says of its own class.
+            kernels = QUANTIZABLE_LAYERS[type(layer).__name__][1]
+        else:
+            kernels = quantized_kernels(layer, config)
         if kernels is not None:
-            settings = config.for_layer(layer.name)
+            settings = graph.settings(config, layer.name)
             if settings.skip:
                 continue
             if id(layer) not in wrappers:
@@ -677,7 +781,7 @@ def _plan(model: keras.Model, graph: _Graph, config: QATConfig) -> _Plan:
         taken.update(attention.holder_name(point) for point in ACTIVATION_POINTS)
     producers = {key: call for call in graph.calls for key in call.outputs}
     for key, producer, base, merged in points:
-        settings = config.for_layer(base)
+        settings = graph.settings(config, base)
         if key in holders or settings.skip:
             continue
         activation = _activation_name(producer) if producer is not None else None
@@ -753,7 +857,7 @@ def _quantize_input(
     else:
         producer = producers[origin].layer if origin in producers else None
         signed = producer is None or _activation_name(producer) not in NON_NEGATIVE_ACTIVATIONS
-    settings = config.for_layer(owner)
+    settings = graph.settings(config, owner)
     params = default_activation_params(settings.activation_quantization_method, signed)
     name = holder_name(f"{owner}_input", taken)
     with naming_layer(owner):
@@ -947,10 +1051,12 @@ def quantize_model(
 
     Returns:
         A model of the same kind (Sequential or Functional) whose quantized layers are
-        `KerasTrainableQuantizationWrapper`s named like the float layers, with `KerasActivationQuantizationHolder`s
-        named `<layer>_activation_quantizer` after them and after the inputs; each `MultiHeadAttention` is a
-        `KerasQuantizedMultiHeadAttention` with its quantizers inside. Quantizer parameters are layer weights
-        (`kernel_threshold`, `activation_threshold`, or `..._range_min` / `..._range_max`) and are saved in `.keras`.
+        `KerasTrainableQuantizationWrapper`s named like the float layers (a separable convolution `<name>` becomes
+        the wrapped `<name>_depthwise` and `<name>_pointwise` convolutions, which take its overrides), with
+        `KerasActivationQuantizationHolder`s named `<layer>_activation_quantizer` after them and after the inputs;
+        each `MultiHeadAttention` is a `KerasQuantizedMultiHeadAttention` with its quantizers inside. Quantizer
+        parameters are layer weights (`kernel_threshold`, `activation_threshold`, or `..._range_min` /
+        `..._range_max`) and are saved in `.keras`.
         If `model` was compiled, the copy is compiled with the same settings.
 
     Example:
@@ -967,6 +1073,7 @@ def quantize_model(
         )
     notes: list[str] = []
     graph = inline_nested_models(model, model_graph(model), config, notes)
+    graph = split_separable_convs(model, graph, config, notes)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     plan = _plan(model, graph, config)
