@@ -369,6 +369,29 @@ def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
     return calls
 
 
+def _insert_holder(
+    gm: fx.GraphModule, source: fx.Node, operand: Any, base: str, name: str, settings: LayerSettings,
+    config: QATConfig, modules: dict[str, nn.Module], holders: dict[str, tuple[LayerSettings, bool]],
+) -> PytorchTrainableActivationQuantizationHolder:
+    """Put a holder `name` right after `source`, for every user of it; unsigned when what reaches `operand` (through
+    reshapes, max and average pools) is never negative. Returns the holder."""
+    origin = _grid_source(operand, modules, through_averages=True)
+    signed = not (
+        isinstance(origin, fx.Node)
+        and (_is_non_negative(origin, modules) or not holders.get(origin.target, (None, True))[1])
+    )
+    with naming_layer(base):
+        holder = make_holder(settings, config, default_activation_params(
+            settings.activation_quantization_method, signed))
+    gm.add_submodule(name, holder)
+    modules[name] = holder
+    with gm.graph.inserting_after(source):
+        new = gm.graph.call_module(name, (source,))
+    source.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    holders[name] = (settings, signed)
+    return holder
+
+
 def _quantize_layer_inputs(
     gm: fx.GraphModule, config: QATConfig, holders: dict[str, tuple[LayerSettings, bool]], taken: set[str]
 ) -> None:
@@ -385,22 +408,8 @@ def _quantize_layer_inputs(
         source = _grid_source(node.args[0], modules)
         holder = modules.get(source.target) if isinstance(source, fx.Node) and source.op == "call_module" else None
         if not isinstance(holder, PytorchTrainableActivationQuantizationHolder) and isinstance(source, fx.Node):
-            settings = config.for_layer(node.target)
-            origin = _grid_source(node.args[0], modules, through_averages=True)
-            signed = not (
-                isinstance(origin, fx.Node)
-                and (_is_non_negative(origin, modules) or not holders.get(origin.target, (None, True))[1])
-            )
-            name = holder_name(f"{node.target}_input", taken)
-            with naming_layer(node.target):
-                holder = make_holder(settings, config, default_activation_params(
-                    settings.activation_quantization_method, signed))
-            gm.add_submodule(name, holder)
-            modules[name] = holder
-            with gm.graph.inserting_after(source):
-                new = gm.graph.call_module(name, (source,))
-            source.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-            holders[name] = (settings, signed)
+            holder = _insert_holder(gm, source, node.args[0], node.target, holder_name(f"{node.target}_input", taken),
+                                    config.for_layer(node.target), config, modules, holders)
         # A layer called more than once (a shared module) has one set of links for all its calls: it keeps the
         # float computation rather than compute some of them on another call's grids.
         if isinstance(holder, PytorchTrainableActivationQuantizationHolder) and calls[node.target] == 1:
@@ -591,21 +600,8 @@ def _quantize_products(
             if source.op == "call_module" and isinstance(
                     modules.get(source.target), PytorchTrainableActivationQuantizationHolder):
                 continue
-            origin = _grid_source(operand, modules, through_averages=True)
-            signed = not (
-                isinstance(origin, fx.Node)
-                and (_is_non_negative(origin, modules) or not holders.get(origin.target, (None, True))[1])
-            )
             name = holder_name(f"{node.name}_input" if functional_layer else f"{node.name}_input{index}", taken)
-            with naming_layer(node.name):
-                holder = make_holder(settings, config, default_activation_params(
-                    settings.activation_quantization_method, signed))
-            gm.add_submodule(name, holder)
-            modules[name] = holder
-            with gm.graph.inserting_after(source):
-                new = gm.graph.call_module(name, (source,))
-            source.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-            holders[name] = (settings, signed)
+            _insert_holder(gm, source, operand, node.name, name, settings, config, modules, holders)
 
 
 def _quantize_graph(gm: fx.GraphModule, config: QATConfig) -> dict[str, tuple[LayerSettings, bool]]:
