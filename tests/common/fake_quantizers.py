@@ -30,6 +30,9 @@ class BaseNumpyTrainableQuantizer(BaseTrainableQuantizer):
     def get_trainable_variables(self, group):
         return [v for v in self.variables_in_group(group) if v.trainable]
 
+    def variable_value(self, variable):
+        return variable.value
+
 
 class UserMethod(Enum):
     PACT = "pact"

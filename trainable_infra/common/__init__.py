@@ -2,6 +2,12 @@
 
 from trainable_infra.common.base_quantizer import BaseTrainableQuantizer
 from trainable_infra.common.config import (
+    IS_SIGNED,
+    MIN_THRESHOLD,
+    RANGE_MAX,
+    RANGE_MIN,
+    SIGNED,
+    THRESHOLD,
     TrainableQuantizerActivationConfig,
     TrainableQuantizerCandidateConfig,
     TrainableQuantizerWeightsConfig,
@@ -25,6 +31,12 @@ from trainable_infra.common.resolver import get_trainable_quantizer_class
 from trainable_infra.common.schedules import LinearAnnealing
 
 __all__ = [
+    "IS_SIGNED",
+    "MIN_THRESHOLD",
+    "RANGE_MAX",
+    "RANGE_MIN",
+    "SIGNED",
+    "THRESHOLD",
     "AmbiguousQuantizerError",
     "BaseTrainableQuantizer",
     "ExportReport",

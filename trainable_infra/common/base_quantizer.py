@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 import inspect
 from abc import ABCMeta, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
+
 from trainable_infra.common.config import (
+    RANGE_MAX,
+    RANGE_MIN,
+    THRESHOLD,
     TrainableQuantizerActivationConfig,
     TrainableQuantizerWeightsConfig,
     check_bool,
@@ -39,8 +45,9 @@ def is_marked(cls: type) -> bool:
     return isinstance(vars(cls).get("quantization_target"), QuantizationTarget)
 
 
-def check_quantizer_class(cls: type) -> None:
-    """Raise `QuantizerDefinitionError` unless `cls` is a complete, decorated trainable quantizer class."""
+def check_quantizer_class(cls: type) -> CallForm:
+    """Raise `QuantizerDefinitionError` unless `cls` is a complete, decorated trainable quantizer class; return
+    how its `__call__` takes the training flag."""
     name = cls.__qualname__
     if not is_marked(cls):
         raise QuantizerDefinitionError(
@@ -87,6 +94,55 @@ def check_quantizer_class(cls: type) -> None:
                 f"{name}.__init__ may take only arguments with defaults after the config, but "
                 f"{parameter.name!r} has none: {inspect.signature(cls.__init__)}"
             )
+    return call_form(cls)
+
+
+class CallForm(enum.Enum):
+    """How a quantizer class's `__call__` takes the training flag."""
+
+    POSITIONAL = "positional"  # __call__(inputs, training) - ours and MCT's built-in quantizers
+    KEYWORD = "keyword"  # __call__(inputs, *, training=...)
+    NONE = "none"  # __call__(inputs) - the quantizers of MCT's QAT READMEs
+
+
+def call_form(cls: type) -> CallForm:
+    """How `cls.__call__` takes the training flag; raise `QuantizerDefinitionError` if it cannot take inputs."""
+    signature = inspect.signature(cls.__call__)
+    parameters = list(signature.parameters.values())[1:]  # drop self
+    kinds = [parameter.kind for parameter in parameters]
+    positional = [
+        parameter for parameter in parameters
+        if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if inspect.Parameter.VAR_POSITIONAL in kinds or len(positional) >= 2:
+        return CallForm.POSITIONAL
+    if not positional:
+        raise QuantizerDefinitionError(
+            f"{cls.__qualname__}.__call__ must take the inputs as its first argument, as __call__(inputs, training) "
+            f"or __call__(inputs); got {signature}"
+        )
+    if "training" in signature.parameters or inspect.Parameter.VAR_KEYWORD in kinds:
+        return CallForm.KEYWORD
+    return CallForm.NONE
+
+
+def registered_entry(name: str, value: Any) -> QuantizerVariable:
+    """A `quantizer_parameters` value as a `QuantizerVariable`: as `add_quantizer_variable` stores it, MCT's
+    `{"var": ..., "group": ...}`, or a bare variable (MCT's README form), which is a quantization parameter."""
+    if isinstance(value, QuantizerVariable):
+        return value
+    if isinstance(value, Mapping):
+        if set(value) != {"var", "group"} or not isinstance(value["group"], VariableGroup):
+            raise QuantizationConfigError(
+                f"quantizer_parameters[{name!r}] must be a variable, a QuantizerVariable or "
+                f"{{'var': variable, 'group': VariableGroup}}, got {value!r}"
+            )
+        return QuantizerVariable(value["var"], value["group"])
+    if value is None or isinstance(value, (str, bytes, int, float, bool)):
+        raise QuantizationConfigError(
+            f"quantizer_parameters[{name!r}] must be a variable of the quantizer's layer, got {value!r}"
+        )
+    return QuantizerVariable(value, VariableGroup.QPARAMS)
 
 
 class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
@@ -107,14 +163,15 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
 
     # Set by a backend's weight / activation base class: its subclasses must be marked for that target.
     base_quantization_target: ClassVar[QuantizationTarget | None] = None
-    # Classes whose definition was checked; the checks run once per class, not per instance.
-    _checked_classes: ClassVar[set[type]] = set()
+    # Classes whose definition was checked, with their `__call__` form; the checks run once per class.
+    _checked_classes: ClassVar[dict[type, CallForm]] = {}
 
     def __new__(cls, *args: Any, **kwargs: Any) -> BaseTrainableQuantizer:
-        if cls not in BaseTrainableQuantizer._checked_classes:
-            check_quantizer_class(cls)
-            BaseTrainableQuantizer._checked_classes.add(cls)
+        form = BaseTrainableQuantizer._checked_classes.get(cls)
+        if form is None:
+            form = BaseTrainableQuantizer._checked_classes[cls] = check_quantizer_class(cls)
         instance = super().__new__(cls)
+        instance._call_form = form
         # Remember the constructor arguments so `get_config` can describe any subclass without help.
         try:
             bound = inspect.signature(cls.__init__).bind(instance, *args, **kwargs)
@@ -158,7 +215,12 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
 
     @abstractmethod
     def __call__(self, inputs: Any, training: bool) -> Any:
-        """Fake-quantize `inputs`; `training` selects the training-mode (gradient) behaviour."""
+        """Fake-quantize `inputs`; `training` selects the training-mode (gradient) behaviour.
+
+        A quantizer that behaves the same in both modes may take the inputs only (`__call__(self, inputs)`, as in
+        MCT's QAT READMEs); the wrappers call every quantizer through `quantize_inputs`, which passes the flag only
+        to a `__call__` that takes it.
+        """
 
     @abstractmethod
     def convert2inferable(self) -> BaseInferableQuantizer:
@@ -169,6 +231,32 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
         """Return the variables of `group` that are trained (honouring `freeze_quant_params`)."""
 
     # --- shared behaviour ----------------------------------------------------------------------------------
+
+    def quantize_inputs(self, inputs: Any, training: bool) -> Any:
+        """Fake-quantize `inputs` with this quantizer's `__call__`, in training mode or not."""
+        form = self._call_form
+        if form is CallForm.POSITIONAL:
+            return self(inputs, training)
+        if form is CallForm.KEYWORD:
+            return self(inputs, training=training)
+        return self(inputs)
+
+    def registered_variables(self) -> dict[str, QuantizerVariable]:
+        """{name: (variable, group)} of every variable in `quantizer_parameters`, whichever form it was set in."""
+        parameters = self.quantizer_parameters
+        if not isinstance(parameters, Mapping):
+            raise QuantizationConfigError(
+                f"{type(self).__name__}.quantizer_parameters must be a dict {{name: variable}}, got {parameters!r}"
+            )
+        return {name: registered_entry(name, value) for name, value in parameters.items()}
+
+    def parameter_variable(self, key: str) -> Any | None:
+        """The variable holding quantization parameter `key` (`THRESHOLD`, `RANGE_MIN` or `RANGE_MAX`): the one
+        registered as `key` or as `<tensor>_<key>`, as the built-in quantizers name them; None if there is none."""
+        for name, entry in self.registered_variables().items():
+            if name == key or name.endswith(f"_{key}"):
+                return entry.variable
+        return None
 
     def add_quantizer_variable(self, name: str, variable: Any, group: VariableGroup = VariableGroup.WEIGHTS) -> None:
         """Register `variable` under `name` in `group`."""
@@ -181,7 +269,7 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
     def get_quantizer_variable(self, name: str) -> Any:
         """Return the variable registered under `name`."""
         try:
-            return self.quantizer_parameters[name].variable
+            return registered_entry(name, self.quantizer_parameters[name]).variable
         except KeyError:
             raise TrainableInfraError(
                 f"{type(self).__name__} has no quantizer variable {name!r}; it has "
@@ -194,8 +282,63 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
             raise QuantizationConfigError(f"group must be a VariableGroup member, got {group!r}")
         if group is VariableGroup.QPARAMS and self.freeze_quant_params:
             return []
-        names = [name for name, entry in self.quantizer_parameters.items() if entry.group is group]
+        names = [name for name, entry in self.registered_variables().items() if entry.group is group]
         return [self.get_quantizer_variable(name) for name in names]
+
+    def variable_value(self, variable: Any) -> np.ndarray:
+        """The current value of one of this quantizer's variables as a numpy array (the backend knows how)."""
+        return np.asarray(variable)
+
+    def current_quantization_config(self) -> TrainableQuantizerWeightsConfig | TrainableQuantizerActivationConfig:
+        """`quantization_config` with the threshold or range the variables hold now (calibrated or trained).
+
+        A quantizer built from it computes the same grid: a threshold below `min_threshold` is written as
+        `min_threshold`, and a range that training has inverted as the range the grid spans, because a config
+        holds only valid parameters. Non-finite values are left out (the config keeps its own).
+        """
+        config = self.quantization_config
+        weights = isinstance(config, TrainableQuantizerWeightsConfig)
+        field = "weights_quantization_params" if weights else "activation_quantization_params"
+        params = dict(getattr(config, field))
+        values = {}
+        for key in (THRESHOLD, RANGE_MIN, RANGE_MAX):
+            variable = self.parameter_variable(key) if key in params else None
+            if variable is not None:
+                value = np.asarray(self.variable_value(variable), dtype=np.float64).reshape(-1)
+                if value.size == 0 or not np.all(np.isfinite(value)):
+                    return config
+                values[key] = value
+
+        def moved(key: str) -> bool:
+            # False while the variable holds the config's own value (in the float32 variables hold it in).
+            given = np.asarray(params[key], dtype=np.float32).reshape(-1)
+            return not (given.size in (1, values[key].size) and np.all(given == values[key]))
+
+        current = {key: value for key, value in values.items() if moved(key)}
+        if not current:
+            return config
+        if RANGE_MIN in current or RANGE_MAX in current:
+            # Both ends are checked together: one end's training can invert the range against the other.
+            current.update({key: values[key] for key in (RANGE_MIN, RANGE_MAX) if key in values})
+        if THRESHOLD in current:
+            current[THRESHOLD] = np.maximum(current[THRESHOLD], config.min_threshold)
+        if RANGE_MIN in current and RANGE_MAX in current:
+            low, high = current[RANGE_MIN], current[RANGE_MAX]
+            if low.shape != high.shape or not np.all(low < high):
+                # The grid's own widening (DESIGN.md §4), in the float32 the variables hold.
+                low = np.minimum(low, 0.0).astype(np.float32)
+                high = np.maximum(np.maximum(high, 0.0).astype(np.float32), low + np.float32(config.min_threshold))
+                current[RANGE_MIN], current[RANGE_MAX] = low.astype(np.float64), high.astype(np.float64)
+        for key, value in current.items():
+            old = np.asarray(params[key])
+            if old.ndim == 0 and value.size == 1:
+                params[key] = float(value[0])
+            else:
+                # Keep the shape the config was given in (MCT's broadcast form) when the sizes agree.
+                params[key] = value.reshape(old.shape) if old.size == value.size else value
+        arguments = {f: getattr(config, f) for f in config._FIELDS}
+        arguments[field] = params
+        return type(config)(**arguments)
 
     def weights_quantization(self) -> bool:
         """Whether this quantizer quantizes weights (and that quantization is enabled)."""
@@ -208,10 +351,11 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
         return isinstance(config, TrainableQuantizerActivationConfig) and config.enable_activation_quantization
 
     def get_config(self) -> dict[str, Any]:
-        """Return the constructor arguments as a JSON-serializable dict (the config via its `to_dict`)."""
+        """Return the constructor arguments as a JSON-serializable dict: the config via its `to_dict`, with the
+        threshold or range the quantizer holds now, so `from_config(get_config())` rebuilds this quantizer."""
         arguments = dict(self._init_arguments)
         first = next(iter(arguments))
-        arguments[first] = self.quantization_config.to_dict()
+        arguments[first] = self.current_quantization_config().to_dict()
         if "freeze_quant_params" in arguments:
             # The validated value: the argument as given may be e.g. a numpy bool, which JSON cannot hold.
             arguments["freeze_quant_params"] = self.freeze_quant_params

@@ -15,11 +15,16 @@ import numpy as np
 
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.mct import QuantizationMethod
+from trainable_infra.common.numerics import DEFAULT_MIN_THRESHOLD
 
+# The quantization-params keys, under MCT's constant names (`SIGNED` is MCT's name for `IS_SIGNED`).
 THRESHOLD = "threshold"
 IS_SIGNED = "is_signed"
+SIGNED = IS_SIGNED
 RANGE_MIN = "range_min"
 RANGE_MAX = "range_max"
+# The default smallest threshold (MCT's `MIN_THRESHOLD`): `QATConfig.min_threshold` and the numerics' default.
+MIN_THRESHOLD = DEFAULT_MIN_THRESHOLD
 
 MIN_N_BITS = 2
 MAX_N_BITS = 16
@@ -413,6 +418,15 @@ class TrainableQuantizerWeightsConfig(_Config):
             "weights_quantization_candidates", weights_quantization_candidates
         )
 
+    @property
+    def weights_bits_candidates(self) -> list[TrainableQuantizerCandidateConfig] | None:
+        """MCT's name of `weights_quantization_candidates`."""
+        return self.weights_quantization_candidates
+
+    @weights_bits_candidates.setter
+    def weights_bits_candidates(self, value: Sequence[TrainableQuantizerCandidateConfig] | None) -> None:
+        self.weights_quantization_candidates = _check_candidates("weights_bits_candidates", value)
+
 
 class TrainableQuantizerActivationConfig(_Config):
     """How to quantize one activation tensor (always per-tensor).
@@ -464,6 +478,15 @@ class TrainableQuantizerActivationConfig(_Config):
         self.activation_quantization_candidates = _check_candidates(
             "activation_quantization_candidates", activation_quantization_candidates
         )
+
+    @property
+    def activation_bits_candidates(self) -> list[TrainableQuantizerCandidateConfig] | None:
+        """MCT's name of `activation_quantization_candidates`."""
+        return self.activation_quantization_candidates
+
+    @activation_bits_candidates.setter
+    def activation_bits_candidates(self, value: Sequence[TrainableQuantizerCandidateConfig] | None) -> None:
+        self.activation_quantization_candidates = _check_candidates("activation_bits_candidates", value)
 
 
 TrainableQuantizerConfig = TrainableQuantizerWeightsConfig | TrainableQuantizerActivationConfig

@@ -17,6 +17,8 @@ if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover
 from trainable_infra.keras_backend.attention import KerasInferableMultiHeadAttention, KerasQuantizedMultiHeadAttention
 from trainable_infra.keras_backend.base_quantizer import (
     BaseKerasActivationTrainableQuantizer,
+    BaseKerasQATTrainableQuantizer,
+    BaseKerasQATWeightTrainableQuantizer,
     BaseKerasTrainableQuantizer,
     BaseKerasWeightTrainableQuantizer,
 )
@@ -56,6 +58,8 @@ from trainable_infra.keras_backend.wrappers import KerasActivationQuantizationHo
 
 __all__ = [
     "BaseKerasActivationTrainableQuantizer",
+    "BaseKerasQATTrainableQuantizer",
+    "BaseKerasQATWeightTrainableQuantizer",
     "BaseKerasTrainableQuantizer",
     "BaseKerasWeightTrainableQuantizer",
     "DQASymmetricActivationQuantizer",

@@ -30,6 +30,10 @@ class BaseKerasTrainableQuantizer(BaseTrainableQuantizer):
         """The variables of `group` that training updates: registered, trainable, and not frozen."""
         return [v for v in self.variables_in_group(group) if v.trainable]
 
+    def variable_value(self, variable: keras.Variable) -> np.ndarray:
+        """The current value of one of this quantizer's variables as a numpy array."""
+        return np.asarray(variable.numpy())
+
     def add_quantizer_weight(
         self,
         layer: keras.layers.Layer,
@@ -73,3 +77,8 @@ class BaseKerasActivationTrainableQuantizer(BaseKerasTrainableQuantizer):
     """Base of Keras quantizers of activations (`mark_quantizer(quantization_target=QuantizationTarget.Activation)`)."""
 
     base_quantization_target = QuantizationTarget.Activation
+
+
+# MCT's names of the same classes, so that quantizers written for MCT's QAT import what they name.
+BaseKerasQATTrainableQuantizer = BaseKerasTrainableQuantizer
+BaseKerasQATWeightTrainableQuantizer = BaseKerasWeightTrainableQuantizer

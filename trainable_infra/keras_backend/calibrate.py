@@ -181,15 +181,6 @@ def observe_holders(
     return observers
 
 
-def parameter_variable(quantizer: Any, key: str) -> Any | None:
-    """The variable a quantizer registered for parameter `key` ("threshold", "range_min", "range_max"), by its
-    registered name (`key`, or `<tensor>_<key>` as `add_quantizer_weight(layer, f"{name}_{key}", ...)` makes it)."""
-    for name, entry in quantizer.quantizer_parameters.items():
-        if name == key or name.endswith(f"_{key}"):
-            return entry.variable
-    return None
-
-
 def calibrate(
     model: keras.Model,
     data: Any,
@@ -231,7 +222,7 @@ def calibrate(
         )
         # Parameters are found by their registered names (threshold, range_min, range_max), so quantizers
         # written outside the library calibrate too.
-        variables = {key: parameter_variable(quantizer, key) for key in new if key != "is_signed"}
+        variables = {key: quantizer.parameter_variable(key) for key in new if key != "is_signed"}
         variables = {key: variable for key, variable in variables.items() if variable is not None}
         if not variables:
             warnings.warn(f"{name}: {type(quantizer).__name__} registers no threshold, range_min or range_max "
@@ -240,6 +231,8 @@ def calibrate(
         new = {key: value for key, value in new.items() if key == "is_signed" or key in variables}
         for key, variable in variables.items():
             variable.assign(np.full(variable.shape, new[key], dtype=np.float32))
+        # The config describes the quantizer as calibrated (get_config, from_config and repr read it).
+        quantizer.quantization_config = quantizer.current_quantization_config()
         if new.get("is_signed") and not config.activation_quantization_params.get("is_signed", True):
             warnings.warn(
                 f"{name} quantizes unsigned but saw values down to {observers[name].minimum:.4g}; they clip at 0",

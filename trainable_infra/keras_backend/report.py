@@ -41,7 +41,7 @@ def _params(quantizer: Any, tensor: str) -> dict[str, np.ndarray]:
     # Registered as "<tensor>_threshold" and the like: the report names the parameter only.
     return {
         name.removeprefix(f"{tensor}_"): np.asarray(tf.convert_to_tensor(entry.variable))
-        for name, entry in quantizer.quantizer_parameters.items()
+        for name, entry in quantizer.registered_variables().items()
     }
 
 
@@ -70,7 +70,7 @@ def quantization_report(
                 if not quantizer.weights_quantization():
                     continue
                 kernel = tf.convert_to_tensor(getattr(layer.layer, attribute))
-                quantized = quantizer(kernel, False)
+                quantized = quantizer.quantize_inputs(kernel, False)
                 bits, method, training = _describe(quantizer)
                 rows.append(report_row(
                     f"{layer.name}.{attribute}", "weights", bits, method, training, _params(quantizer, attribute),
@@ -83,7 +83,7 @@ def quantization_report(
 
         def measure(name: str, holder: Any) -> Any:
             def quantize(inputs: Any) -> Any:
-                outputs = holder.activation_quantizer(inputs, False)
+                outputs = holder.activation_quantizer.quantize_inputs(inputs, False)
                 reference = keras.ops.convert_to_numpy(keras.ops.cast(inputs, "float32")).astype(np.float64)
                 error = reference - keras.ops.convert_to_numpy(keras.ops.cast(outputs, "float32"))
                 signal[name] += float(np.sum(reference**2))

@@ -65,7 +65,7 @@ def freeze_quantizers(model: keras.Model) -> int:
     for quantizer in quantizers.values():
         quantizer.freeze_quant_params = True
         frozen = getattr(quantizer, _FROZEN, [])
-        for entry in quantizer.quantizer_parameters.values():
+        for entry in quantizer.registered_variables().values():
             if entry.group is VariableGroup.QPARAMS and entry.variable.trainable:
                 entry.variable.trainable = False
                 frozen.append(entry.variable)

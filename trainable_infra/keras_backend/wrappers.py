@@ -108,7 +108,7 @@ def check_finite_values(owner: str, tensor: str, x: Any, quantizer: BaseKerasTra
         return
     debug.check_input(owner, tensor, tf.cast(x, tf.float32).numpy())
     debug.check_parameters(owner, {
-        name: np.asarray(entry.variable.numpy()) for name, entry in quantizer.quantizer_parameters.items()
+        name: np.asarray(entry.variable.numpy()) for name, entry in quantizer.registered_variables().items()
     })
 
 
@@ -376,7 +376,8 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
                     kernel = tf.convert_to_tensor(w.variable)
                     check_finite_values(owner, f"{self.layer.name}.{w.name}", kernel, w.quantizer)
             substitutes = [
-                (w.variable, w.quantizer(tf.convert_to_tensor(w.variable), training)) for w in self._quantized_weights
+                (w.variable, w.quantizer.quantize_inputs(tf.convert_to_tensor(w.variable), training))
+                for w in self._quantized_weights
             ]
             bias = self.integer_bias() if self._bias is not None else None
             if bias is not None:
@@ -484,7 +485,7 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
                 check_finite_values(f"layer {self.name!r} ({type(quantizer).__name__})", "its input", inputs, quantizer)
             if self._observer is not None:
                 return self._observer(inputs)
-            return self.activation_quantizer(inputs, bool(training))
+            return self.activation_quantizer.quantize_inputs(inputs, bool(training))
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape

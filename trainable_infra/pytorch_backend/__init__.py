@@ -7,6 +7,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from trainable_infra.pytorch_backend.base_quantizer import (
     BasePytorchActivationTrainableQuantizer,
+    BasePytorchQATTrainableQuantizer,
+    BasePytorchQATWeightTrainableQuantizer,
     BasePytorchTrainableQuantizer,
     BasePytorchWeightTrainableQuantizer,
 )
@@ -44,6 +46,8 @@ from trainable_infra.pytorch_backend.wrappers import (
 
 __all__ = [
     "BasePytorchActivationTrainableQuantizer",
+    "BasePytorchQATTrainableQuantizer",
+    "BasePytorchQATWeightTrainableQuantizer",
     "BasePytorchTrainableQuantizer",
     "BasePytorchWeightTrainableQuantizer",
     "DQASymmetricActivationQuantizer",

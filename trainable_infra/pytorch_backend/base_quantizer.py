@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from trainable_infra.common.base_quantizer import BaseTrainableQuantizer
@@ -18,6 +19,10 @@ class BasePytorchTrainableQuantizer(BaseTrainableQuantizer):
     def get_trainable_variables(self, group: VariableGroup) -> list[torch.nn.Parameter]:
         """The registered variables of `group` that require gradients (none for QPARAMS when frozen)."""
         return [variable for variable in self.variables_in_group(group) if variable.requires_grad]
+
+    def variable_value(self, variable: torch.Tensor) -> np.ndarray:
+        """The current value of one of this quantizer's variables as a numpy array."""
+        return variable.detach().float().cpu().numpy()
 
     def read_quant_params(self, tensor_shape: Any) -> QuantParams:
         """The validated quantization parameters of this quantizer's config for a tensor of `tensor_shape`."""
@@ -42,3 +47,8 @@ class BasePytorchActivationTrainableQuantizer(BasePytorchTrainableQuantizer):
     def read_quant_params(self, tensor_shape: Any) -> QuantParams:
         """Per-tensor parameters of the activation (the tensor shape is not needed)."""
         return activation_quant_params(self.quantization_config)
+
+
+# MCT's names of the same classes, so that quantizers written for MCT's QAT import what they name.
+BasePytorchQATTrainableQuantizer = BasePytorchTrainableQuantizer
+BasePytorchQATWeightTrainableQuantizer = BasePytorchWeightTrainableQuantizer

@@ -146,15 +146,18 @@ def calibrate(
         )
         # Parameters are found by their registered names (threshold, range_min, range_max), so quantizers
         # written outside the library calibrate too.
-        new = {key: value for key, value in new.items() if key == "is_signed" or key in quantizer.quantizer_parameters}
-        if set(new) <= {"is_signed"}:
+        variables = {key: quantizer.parameter_variable(key) for key in new if key != "is_signed"}
+        variables = {key: variable for key, variable in variables.items() if variable is not None}
+        if not variables:
             warnings.warn(f"{name}: {type(quantizer).__name__} registers no threshold, range_min or range_max "
                           "variable; not calibrated", stacklevel=2)
             continue
+        new = {key: value for key, value in new.items() if key == "is_signed" or key in variables}
         with torch.no_grad():
-            for key, value in new.items():
-                if key != "is_signed":
-                    quantizer.get_quantizer_variable(key).fill_(value)
+            for key, variable in variables.items():
+                variable.fill_(new[key])
+        # The config describes the quantizer as calibrated (get_config, from_config and repr read it).
+        quantizer.quantization_config = quantizer.current_quantization_config()
         if new.get("is_signed") and not config.activation_quantization_params.get("is_signed", True):
             warnings.warn(
                 f"{name} quantizes unsigned but saw values down to {observers[name].minimum:.4g}; they clip at 0",

@@ -33,7 +33,7 @@ from trainable_infra.pytorch_backend.wrappers import (
 
 
 def _params(quantizer: Any) -> dict[str, np.ndarray]:
-    variables = {name: quantizer.get_quantizer_variable(name) for name in quantizer.quantizer_parameters}
+    variables = {name: quantizer.get_quantizer_variable(name) for name in quantizer.registered_variables()}
     return {name: variable.detach().cpu().numpy() for name, variable in variables.items()}
 
 
@@ -61,7 +61,7 @@ def quantization_report(
         if isinstance(module, PytorchTrainableQuantizationWrapper):
             for attribute, quantizer in module.weights_quantizers.items():
                 weight = getattr(module.module, attribute)
-                quantized = quantizer(weight, False)
+                quantized = quantizer.quantize_inputs(weight, False)
                 bits, method, training = _describe(quantizer)
                 rows.append(report_row(f"{name}.{attribute}", "weights", bits, method, training, _params(quantizer),
                                        sqnr_db(weight.cpu().numpy(), quantized.cpu().numpy())))

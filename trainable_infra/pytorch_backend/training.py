@@ -36,7 +36,7 @@ def _set_frozen(quantizer: BasePytorchTrainableQuantizer, frozen: bool) -> int:
     quantizer.freeze_quant_params = frozen
     learnable = getattr(quantizer, "learnable_params", True)
     count = 0
-    for name, entry in quantizer.quantizer_parameters.items():
+    for name, entry in quantizer.registered_variables().items():
         if entry.group is VariableGroup.QPARAMS:
             quantizer.get_quantizer_variable(name).requires_grad_(learnable and not frozen)
             count += 1

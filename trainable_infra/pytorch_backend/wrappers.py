@@ -58,7 +58,7 @@ def check_finite_values(owner: str, tensor: str, x: torch.Tensor, quantizer: Bas
         debug.check_input(owner, tensor, x.detach().float().cpu().numpy())
     debug.check_parameters(owner, {
         name: quantizer.get_quantizer_variable(name).detach().float().cpu().numpy()
-        for name in quantizer.quantizer_parameters
+        for name in quantizer.registered_variables()
     })
 
 
@@ -194,7 +194,10 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
     def get_quantized_weights(self) -> dict[str, torch.Tensor]:
         """{attribute: fake-quantized weight}, as this wrapper's forward uses them in its current mode."""
         module, training = self.module, self.training
-        return {name: quantizer(getattr(module, name), training) for name, quantizer in self.weights_quantizers.items()}
+        return {
+            name: quantizer.quantize_inputs(getattr(module, name), training)
+            for name, quantizer in self.weights_quantizers.items()
+        }
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Quantize the weights, then run the wrapped module with them."""
@@ -204,7 +207,8 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
                 owner = f"the {name!r} quantizer ({type(quantizer).__name__}) of {type(self).__name__}({module!r})"
                 check_finite_values(owner, f"{type(module).__name__}.{name}", getattr(module, name), quantizer)
         quantized = {
-            name: quantizer(getattr(module, name), self.training) for name, quantizer in self.weights_quantizers.items()
+            name: quantizer.quantize_inputs(getattr(module, name), self.training)
+            for name, quantizer in self.weights_quantizers.items()
         }
         if self.input_holder is not None and len(args) == 1 and not kwargs:
             x_step, w_step, scale = self._integer_grid()
@@ -253,7 +257,7 @@ class PytorchTrainableActivationQuantizationHolder(nn.Module):
         if FINITE_CHECKS.enabled:
             quantizer = self.activation_holder_quantizer
             check_finite_values(f"{type(self).__name__}({type(quantizer).__name__})", "its input", inputs, quantizer)
-        return self.activation_holder_quantizer(inputs, self.training)
+        return self.activation_holder_quantizer.quantize_inputs(inputs, self.training)
 
     def extra_repr(self) -> str:
         return type(self.activation_holder_quantizer).__name__

@@ -64,7 +64,7 @@ class _Grid:
 
     def check_exportable(self) -> None:
         """Raise `NonFiniteError` if a parameter is NaN or ±Inf: no inferable quantizer has such a grid."""
-        for key, entry in self.quantizer_parameters.items():
+        for key, entry in self.registered_variables().items():
             value = np.asarray(entry.variable.numpy())
             if not np.all(np.isfinite(value)):
                 raise NonFiniteError(

@@ -105,7 +105,7 @@ class _Grid:
 
     def check_exportable(self) -> None:
         """Raise `NonFiniteError` if a parameter is NaN or ±Inf: no inferable quantizer has such a grid."""
-        for key in self.quantizer_parameters:
+        for key in self.registered_variables():
             value = self.get_quantizer_variable(key).detach()
             if not bool(torch.isfinite(value).all()):
                 raise NonFiniteError(
