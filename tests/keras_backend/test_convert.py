@@ -74,7 +74,7 @@ def test_each_quantizer_converts_to_its_mct_inferable_quantizer(quantizer_cls, m
         quantizer = layer.weights_quantizers["kernel"]
     else:
         assert isinstance(layer, KerasInferableActivationQuantizationHolder)
-        quantizer = layer.activation_quantizer
+        quantizer = layer.activation_holder_quantizer
     assert type(quantizer) is inferable_cls
     x = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
     np.testing.assert_array_equal(converted(x).numpy(), model(x, training=False).numpy())
@@ -187,11 +187,11 @@ def test_learned_range_that_crossed_converts_to_the_range_trained():
     """range_min 0.7 > range_max 0.2: the grid spans [0, 0.2] (the range widened to contain zero), and the
     inferable quantizer is given that range."""
     model = _one_layer_model(LSQUniformActivationQuantizer, QuantizationMethod.UNIFORM)
-    quantizer = model.layers[1].activation_quantizer
+    quantizer = model.layers[1].activation_holder_quantizer
     quantizer.range_min.assign(0.7)
     quantizer.range_max.assign(0.2)
     converted = convert_to_inferable(model)
-    inferable = converted.layers[1].activation_quantizer
+    inferable = converted.layers[1].activation_holder_quantizer
     np.testing.assert_array_equal([inferable.min_range, inferable.max_range], [[0.0], [np.float32(0.2)]])
     x = np.linspace(-1.0, 1.0, 35, dtype=np.float32).reshape(7, 5)
     np.testing.assert_array_equal(converted(x).numpy(), model(x, training=False).numpy())

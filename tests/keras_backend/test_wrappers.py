@@ -1,5 +1,7 @@
 """The weights wrapper and the activation holder inside Keras layers, models, `fit` and stateless calls."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from trainable_infra import QuantizationMethod, VariableGroup
 from trainable_infra.common import numerics as nm
 from trainable_infra.keras_backend import (
     KerasActivationQuantizationHolder,
+    KerasInferableActivationQuantizationHolder,
     KerasTrainableQuantizationWrapper,
     LSQSymmetricActivationQuantizer,
     LSQSymmetricWeightQuantizer,
@@ -259,3 +262,29 @@ def test_models_with_quantizers_are_not_compiled_with_xla():
         model.compile(optimizer="sgd", loss="mse", jit_compile=True)
     assert model.jit_compile is False
     assert not any(layer.supports_jit for layer in model.layers if "quant" in type(layer).__name__.lower())
+
+
+def _built_holders():
+    trainable = KerasActivationQuantizationHolder(LSQSymmetricActivationQuantizer(activation_config(n_bits=4)))
+    trainable.build((None, 6))
+    inferable = KerasInferableActivationQuantizationHolder(trainable.activation_holder_quantizer.convert2inferable())
+    return {"trainable": trainable, "inferable": inferable}
+
+
+@pytest.mark.parametrize("kind", ["trainable", "inferable"])
+def test_activation_quantizer_is_a_deprecated_read_only_alias_of_activation_holder_quantizer(kind):
+    holder = _built_holders()[kind]
+    message = r"activation_quantizer is deprecated.*read activation_holder_quantizer"
+    with pytest.warns(DeprecationWarning, match=message) as w:
+        alias = holder.activation_quantizer
+    assert alias is holder.activation_holder_quantizer
+    assert {record.filename for record in w if issubclass(record.category, DeprecationWarning)} == {__file__}
+    other = _built_holders()[kind].activation_holder_quantizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Keras' __setattr__ reads the attribute first
+        with pytest.raises(AttributeError, match="activation_quantizer"):
+            holder.activation_quantizer = other
+    assert holder.activation_holder_quantizer is alias
+    # Keras' saving reads every attribute dir() lists; the alias is hidden there so that saving does not warn.
+    assert "activation_quantizer" not in dir(holder)
+    assert "activation_holder_quantizer" in dir(holder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
@@ -349,7 +350,7 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
         kernel_quantizer = self.weights_quantizers["kernel"]
         if not (holder._enabled and kernel_quantizer.weights_quantization()):
             return None
-        input_step, kernel_step = holder.activation_quantizer.grid_step(), kernel_quantizer.grid_step()
+        input_step, kernel_step = holder.activation_holder_quantizer.grid_step(), kernel_quantizer.grid_step()
         if input_step is None or kernel_step is None:
             return None
         scale = tf.cast(input_step, tf.float32) * tf.cast(kernel_step, tf.float32)
@@ -400,8 +401,8 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
         kernel_quantizer = self.weights_quantizers.get("kernel")
         if not integer_kernel_applies(self.layer) or kernel_quantizer is None:
             return None
-        grids = [trainable_grid(q) for q in (holders[0].activation_quantizer, kernel_quantizer,
-                                            holders[1].activation_quantizer)]
+        grids = [trainable_grid(q) for q in (holders[0].activation_holder_quantizer, kernel_quantizer,
+                                            holders[1].activation_holder_quantizer)]
         kernel = next((value for variable, value in substitutes if variable is self.layer.kernel), None)
         if any(g is None for g in grids) or kernel is None or (self.layer.use_bias and bias is None):
             return None
@@ -433,9 +434,32 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
         return cls(layer, quantizers, **config)
 
 
+class HolderQuantizerAlias:
+    """The deprecated `activation_quantizer` attribute of the Keras holders, an alias of
+    `activation_holder_quantizer` (the name PyTorch's holders and MCT's use), kept for one release."""
+
+    @property
+    def activation_quantizer(self) -> Any:
+        """Deprecated: read `activation_holder_quantizer`."""
+        warnings.warn(
+            f"{type(self).__name__}.activation_quantizer is deprecated and will be removed in the next release; "
+            "read activation_holder_quantizer instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.activation_holder_quantizer
+
+    def __dir__(self) -> list[str]:
+        # Keras' saving walks a layer by getattr on every name dir() lists (saving_lib._walk_saveable): hidden
+        # from it, the alias warns only where user code reads it, never on save or load.
+        return [name for name in super().__dir__() if name != "activation_quantizer"]
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class KerasActivationQuantizationHolder(keras.layers.Layer):
+class KerasActivationQuantizationHolder(HolderQuantizerAlias, keras.layers.Layer):
     """Fake-quantizes the tensor that flows through it with a trainable activation quantizer.
+
+    The quantizer is the attribute `activation_holder_quantizer` (`activation_quantizer` is its deprecated alias).
 
     Args:
         activation_quantizer: a `BaseKerasTrainableQuantizer` with target Activation.
@@ -457,7 +481,7 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
         # the input's dtype.
         super().__init__(autocast=False, **kwargs)
         self.supports_jit = False  # no XLA: see the note on it in wrappers.py
-        self.activation_quantizer = activation_quantizer
+        self.activation_holder_quantizer = activation_quantizer
         self.supports_masking = True
         self._enabled = activation_quantizer.activation_quantization()
         # Set by `calibrate` and `quantization_report` for the eager calls they make: a function of the input
@@ -470,8 +494,8 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
 
     def build(self, input_shape: Any) -> None:
         if self._enabled:
-            claim_quantizer(self.activation_quantizer, self, "activation_quantizer")
-            self.activation_quantizer.initialize_quantization(tuple(input_shape), "activation", self)
+            claim_quantizer(self.activation_holder_quantizer, self, "activation_quantizer")
+            self.activation_holder_quantizer.initialize_quantization(tuple(input_shape), "activation", self)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         if not self._enabled:
@@ -480,11 +504,11 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
         # KerasTrainableQuantizationWrapper.call).
         with AutocastScope(None):
             if FINITE_CHECKS.enabled:
-                quantizer = self.activation_quantizer
+                quantizer = self.activation_holder_quantizer
                 check_finite_values(f"layer {self.name!r} ({type(quantizer).__name__})", "its input", inputs, quantizer)
             if self._observer is not None:
                 return self._observer(inputs)
-            return self.activation_quantizer(inputs, bool(training))
+            return self.activation_holder_quantizer(inputs, bool(training))
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
@@ -495,7 +519,8 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config["activation_quantizer"] = keras.saving.serialize_keras_object(self.activation_quantizer)
+        # Keyed by the constructor argument, as files saved before the attribute's rename are.
+        config["activation_quantizer"] = keras.saving.serialize_keras_object(self.activation_holder_quantizer)
         return config
 
     @classmethod
