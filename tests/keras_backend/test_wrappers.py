@@ -10,6 +10,7 @@ import tensorflow as tf
 from tests.keras_backend.helpers import activation_config, compiled, small_cnn, weights_config
 from trainable_infra import QuantizationMethod, VariableGroup
 from trainable_infra.common import numerics as nm
+from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.keras_backend import (
     KerasActivationQuantizationHolder,
     KerasInferableActivationQuantizationHolder,
@@ -262,6 +263,43 @@ def test_models_with_quantizers_are_not_compiled_with_xla():
         model.compile(optimizer="sgd", loss="mse", jit_compile=True)
     assert model.jit_compile is False
     assert not any(layer.supports_jit for layer in model.layers if "quant" in type(layer).__name__.lower())
+
+
+@pytest.mark.parametrize("kind", list(QUANTIZERS))
+@pytest.mark.parametrize("layer_name", list(LAYERS))
+def test_get_quantized_weights_are_what_the_layer_computes_with_in_eval(layer_name, kind):
+    factory, shape, attribute, axis = LAYERS[layer_name]
+    layer = factory()
+    quantizer = _quantizer(kind, axis)
+    wrapper = KerasTrainableQuantizationWrapper(layer, {attribute: quantizer})
+    x = tf.constant(RNG.normal(size=shape).astype(np.float32))
+    y = wrapper(x, training=False)
+    quantized = wrapper.get_quantized_weights()
+    assert list(quantized) == [attribute]
+    assert quantized[attribute].dtype == tf.float32
+    inferable = quantizer.convert2inferable()(tf.convert_to_tensor(getattr(layer, attribute)))
+    np.testing.assert_array_equal(quantized[attribute].numpy(), inferable.numpy())
+    np.testing.assert_array_equal(y.numpy(), _oracle(layer, attribute, quantized[attribute], shape)(x).numpy())
+
+
+def test_dense_applied_by_hand_on_get_quantized_weights_is_the_wrapper_eval_output():
+    dense = keras.layers.Dense(5)
+    wrapper = KerasTrainableQuantizationWrapper(dense, {"kernel": _quantizer("lsq-uniform", -1, n_bits=3)})
+    x = tf.constant(RNG.normal(size=(7, 6)).astype(np.float32))
+    y = wrapper(x, training=False)
+    kernel = wrapper.get_quantized_weights()["kernel"]
+    assert not np.array_equal(kernel.numpy(), dense.kernel.numpy()), "quantization changes the kernel"
+    np.testing.assert_array_equal(y.numpy(), (keras.ops.matmul(x, kernel) + dense.bias).numpy())
+
+
+def test_get_quantized_weights_leaves_out_disabled_quantizers_and_needs_a_built_wrapper():
+    dense = keras.layers.Dense(3)
+    wrapper = KerasTrainableQuantizationWrapper(dense, {"kernel": STESymmetricWeightQuantizer(
+        weights_config(enable=False))})
+    with pytest.raises(QuantizationConfigError, match=r"layer 'quant_dense\w*' is not built"):
+        wrapper.get_quantized_weights()
+    wrapper.build((None, 4))
+    assert wrapper.get_quantized_weights() == {}
 
 
 def _built_holders():

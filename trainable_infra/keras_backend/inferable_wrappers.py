@@ -97,8 +97,12 @@ class KerasInferableQuantizationWrapper(WeightsWrapperBase):
             for name, quantizer in self.weights_quantizers.items()
         )
 
+    def _quantize(self, weight: QuantizedWeight, training: bool) -> Any:
+        # An inferable quantizer has no training mode.
+        return weight.quantizer(tf.convert_to_tensor(weight.variable))
+
     def call(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        substitutes = [(w.variable, w.quantizer(tf.convert_to_tensor(w.variable))) for w in self._quantized_weights]
+        substitutes = [(w.variable, self._quantize(w, False)) for w in self._quantized_weights]
         if not args and not kwargs:
             integer = self._integer_output(inputs, substitutes)
             if integer is not None:

@@ -254,6 +254,28 @@ class WeightsWrapperBase(keras.layers.Layer):
         self._input_holder_ref: Callable[[], Any] | None = None
         self._output_holder_ref: Callable[[], Any] | None = None
 
+    def _quantize(self, weight: QuantizedWeight, training: bool) -> Any:
+        """The value of `weight.variable` that the forward pass uses in `training` mode."""
+        raise NotImplementedError  # each wrapper calls its own kind of quantizer
+
+    def get_quantized_weights(self) -> dict[str, tf.Tensor]:
+        """The fake-quantized weights the layer computes with in inference, as mct-quantizers'
+        `PytorchQuantizationWrapper.get_quantized_weights` gives them.
+
+        Returns:
+            A dict of attribute name (e.g. "kernel") -> float32 tensor, one entry per weight whose quantizer is
+            enabled. A bias has no quantizer and is not listed: where `input_holder` is set the trained wrapper
+            rounds it onto the integer grid (`integer_bias()`), and the converted one holds that rounded bias.
+        """
+        if not self.built:
+            raise QuantizationConfigError(
+                f"layer {self.name!r} is not built, so its weights do not exist yet: call it on data (or build it, or "
+                "the model it is in) before get_quantized_weights"
+            )
+        # Variables read in float32, as `call` reads them, also inside a mixed-precision autocast scope.
+        with AutocastScope(None):
+            return {w.name: self._quantize(w, False) for w in self._quantized_weights}
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.input_holder is not None and args:
             producer = producing_holder(args[0], self.holder_class)  # a model being built records producers
@@ -335,6 +357,9 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
             # Depthwise output channel c = input channel c // multiplier: the kernel's steps are per input channel.
             self._bias_step_repeat = int(getattr(self.layer, "depth_multiplier", 1) or 1)
 
+    def _quantize(self, weight: QuantizedWeight, training: bool) -> Any:
+        return weight.quantizer(tf.convert_to_tensor(weight.variable), training)
+
     def integer_bias(self) -> tf.Tensor | None:
         """The bias the forward pass uses: round(b / s)·s on the grid s = Δ_in·Δ_w (float32, per output channel),
         or None where the float bias is used (no `input_holder`, no bias, or a quantizer without a grid step)."""
@@ -376,9 +401,7 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
                     owner = f"layer {self.name!r}, the {w.name!r} quantizer ({type(w.quantizer).__name__})"
                     kernel = tf.convert_to_tensor(w.variable)
                     check_finite_values(owner, f"{self.layer.name}.{w.name}", kernel, w.quantizer)
-            substitutes = [
-                (w.variable, w.quantizer(tf.convert_to_tensor(w.variable), training)) for w in self._quantized_weights
-            ]
+            substitutes = [(w.variable, self._quantize(w, training)) for w in self._quantized_weights]
             bias = self.integer_bias() if self._bias is not None else None
             if bias is not None:
                 substitutes.append((self._bias, bias))
