@@ -281,8 +281,8 @@ def test_keras_holder_outputs_the_float32_quantization_in_bfloat16(mixed_bfloat1
     for training in (True, False):
         y = holder(as_bfloat16, training=training)
         assert y.dtype == tf.bfloat16
-        expected = tf.cast(holder.activation_quantizer(tf.cast(as_bfloat16, tf.float32), training), tf.bfloat16)
+        expected = tf.cast(holder.activation_holder_quantizer(tf.cast(as_bfloat16, tf.float32), training), tf.bfloat16)
         np.testing.assert_array_equal(tf.cast(y, tf.float32).numpy(), tf.cast(expected, tf.float32).numpy())
         y32 = holder(x, training=training)
         assert y32.dtype == tf.float32
-        np.testing.assert_array_equal(y32.numpy(), holder.activation_quantizer(tf.constant(x), training).numpy())
+        np.testing.assert_array_equal(y32.numpy(), holder.activation_holder_quantizer(tf.constant(x), training).numpy())

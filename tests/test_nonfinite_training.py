@@ -324,7 +324,7 @@ class _Keras:
         self.wrapper_pattern = r"layer 'quant_dense', the 'kernel' quantizer \(LSQSymmetricWeightQuantizer\)"
 
     def variable(self, layer, key: str):
-        quantizer = getattr(layer, "activation_quantizer", None) or layer.weights_quantizers["kernel"]
+        quantizer = getattr(layer, "activation_holder_quantizer", None) or layer.weights_quantizers["kernel"]
         return next(entry.variable for name, entry in quantizer.quantizer_parameters.items() if name.endswith(key))
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -124,7 +124,7 @@ def test_attention_gets_projection_quantizers_and_product_holders():
     assert isinstance(attention, KerasQuantizedMultiHeadAttention)
     holders = attention.activation_holders()
     assert list(holders) == ["query", "key", "probabilities", "value", "context"]
-    signed = {point: h.activation_quantizer.quantization_config.activation_quantization_params["is_signed"]
+    signed = {point: h.activation_holder_quantizer.quantization_config.activation_quantization_params["is_signed"]
               for point, h in holders.items()}
     assert signed == {"query": True, "key": True, "probabilities": False, "value": True, "context": True}
     for name in ("query", "key", "value", "attention_output"):
@@ -181,7 +181,7 @@ def test_attention_holders_are_calibrated_from_data():
     scores = keras.ops.einsum(attention._dot_product_equation, project("key"), query)
     probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(scores, axis=-1))
     holders = attention.activation_holders()
-    threshold = {p: float(holders[p].activation_quantizer.threshold.numpy()) for p in holders}
+    threshold = {p: float(holders[p].activation_holder_quantizer.threshold.numpy()) for p in holders}
     assert threshold["query"] == pytest.approx(np.abs(query).max(), rel=1e-5)
     assert threshold["probabilities"] == pytest.approx(probabilities.max(), rel=1e-5)
 

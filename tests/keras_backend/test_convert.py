@@ -74,7 +74,7 @@ def test_each_quantizer_converts_to_its_mct_inferable_quantizer(quantizer_cls, m
         quantizer = layer.weights_quantizers["kernel"]
     else:
         assert isinstance(layer, KerasInferableActivationQuantizationHolder)
-        quantizer = layer.activation_quantizer
+        quantizer = layer.activation_holder_quantizer
     assert type(quantizer) is inferable_cls
     x = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
     np.testing.assert_array_equal(converted(x).numpy(), model(x, training=False).numpy())
@@ -187,11 +187,45 @@ def test_learned_range_that_crossed_converts_to_the_range_trained():
     """range_min 0.7 > range_max 0.2: the grid spans [0, 0.2] (the range widened to contain zero), and the
     inferable quantizer is given that range."""
     model = _one_layer_model(LSQUniformActivationQuantizer, QuantizationMethod.UNIFORM)
-    quantizer = model.layers[1].activation_quantizer
+    quantizer = model.layers[1].activation_holder_quantizer
     quantizer.range_min.assign(0.7)
     quantizer.range_max.assign(0.2)
     converted = convert_to_inferable(model)
-    inferable = converted.layers[1].activation_quantizer
+    inferable = converted.layers[1].activation_holder_quantizer
     np.testing.assert_array_equal([inferable.min_range, inferable.max_range], [[0.0], [np.float32(0.2)]])
     x = np.linspace(-1.0, 1.0, 35, dtype=np.float32).reshape(7, 5)
     np.testing.assert_array_equal(converted(x).numpy(), model(x, training=False).numpy())
+
+
+WEIGHT_CASES = [(c, m) for c, m, _ in EXPECTED_CLASSES if "Weight" in c.__name__]
+
+
+@pytest.mark.parametrize(("quantizer_cls", "method"), WEIGHT_CASES,
+                         ids=[f"{c.__name__}-{m.name}" for c, m in WEIGHT_CASES])
+def test_converted_wrapper_computes_with_the_trained_wrappers_quantized_weights(quantizer_cls, method):
+    model = _one_layer_model(quantizer_cls, method)
+    x = np.random.default_rng(3).normal(size=(7, 5)).astype(np.float32)
+    trained = model.layers[1].get_quantized_weights()
+    converted = convert_to_inferable(model).layers[1]
+    quantized = converted.get_quantized_weights()
+    assert list(quantized) == list(trained) == ["kernel"]
+    np.testing.assert_array_equal(quantized["kernel"].numpy(), trained["kernel"].numpy())
+    # A Dense layer by hand on that kernel is what the converted wrapper computes.
+    dense = converted.layer
+    by_hand = keras.ops.matmul(x, quantized["kernel"]) + dense.bias
+    np.testing.assert_array_equal(converted(x).numpy(), by_hand.numpy())
+
+
+def test_trained_and_converted_cnn_give_identical_quantized_weights(digits):
+    x, y = digits
+    model = compiled(small_cnn(lsq=True))
+    model.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0)  # the thresholds move off their initial values
+    converted = convert_to_inferable(model)
+    wrappers = [layer for layer in model.layers if isinstance(layer, KerasTrainableQuantizationWrapper)]
+    assert len(wrappers) == 3
+    for wrapper in wrappers:
+        twin = converted.get_layer(wrapper.name)
+        assert isinstance(twin, KerasInferableQuantizationWrapper)
+        trained, inferable = wrapper.get_quantized_weights(), twin.get_quantized_weights()
+        assert list(trained) == list(inferable) == ["kernel"], wrapper.name
+        np.testing.assert_array_equal(inferable["kernel"].numpy(), trained["kernel"].numpy(), err_msg=wrapper.name)

@@ -73,7 +73,7 @@ def _step(quantizer) -> np.ndarray:
 
 def _expected_bias(model, name: str) -> np.ndarray:
     wrapper = _wrappers(model)[name]
-    input_step = _step(_holders(model)[wrapper.input_holder].activation_quantizer)
+    input_step = _step(_holders(model)[wrapper.input_holder].activation_holder_quantizer)
     kernel_step = _step(wrapper.weights_quantizers["kernel"])
     if isinstance(wrapper.layer, layers.DepthwiseConv2D) and kernel_step.size > 1:
         kernel_step = np.repeat(kernel_step, wrapper.layer.depth_multiplier)  # per input channel -> per output
@@ -131,7 +131,7 @@ def test_gradient_passes_straight_through_to_the_bias_and_not_to_the_steps():
     config = QATConfig(weight_training_method=TrainingMethod.LSQ, activation_training_method=TrainingMethod.LSQ)
     model = quantize_model(bias_model(), config, [X], progress=False)
     wrapper = _wrappers(model)["conv"]
-    holder_threshold = _holders(model)["x_activation_quantizer"].activation_quantizer.threshold
+    holder_threshold = _holders(model)["x_activation_quantizer"].activation_holder_quantizer.threshold
     kernel_threshold = wrapper.weights_quantizers["kernel"].threshold
     with tf.GradientTape(persistent=True) as tape:
         outputs = wrapper(tf.constant(X), training=True)
@@ -252,8 +252,8 @@ def test_every_quantized_layer_reads_a_quantized_input():
     # After the poolings, the operations that left the grid: unsigned after the relu, signed after conv2.
     assert found["pooled_head"].input_holder == "pooled_head_input_activation_quantizer"
     assert found["flat_head"].input_holder == "flat_head_input_activation_quantizer"
-    assert not holders["pooled_head_input_activation_quantizer"].activation_quantizer.params.signed
-    assert holders["flat_head_input_activation_quantizer"].activation_quantizer.params.signed
+    assert not holders["pooled_head_input_activation_quantizer"].activation_holder_quantizer.params.signed
+    assert holders["flat_head_input_activation_quantizer"].activation_holder_quantizer.params.signed
     assert qat.get_layer("flat_head_input_activation_quantizer").input.name == qat.get_layer("avg").output.name
     for name in ("conv2", "pooled_head", "flat_head"):
         np.testing.assert_array_equal(found[name].integer_bias().numpy(), _expected_bias(qat, name), err_msg=name)

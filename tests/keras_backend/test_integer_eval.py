@@ -64,9 +64,10 @@ def test_eval_output_is_the_requantized_integer_accumulator(qat, name):
     inputs = keras.ops.convert_to_numpy(keras.Model(qat.inputs, source.output)(X))
     if name == "head":
         inputs = inputs.reshape(len(inputs), -1)
-    in_step, _, _ = _grid_values(trainable_grid(source.activation_quantizer))
+    in_step, _, _ = _grid_values(trainable_grid(source.activation_holder_quantizer))
     w_step, _, _ = _grid_values(trainable_grid(wrapper.weights_quantizers["kernel"]))
-    out_step, k_min, k_max = _grid_values(trainable_grid(qat.get_layer(wrapper.output_holder).activation_quantizer))
+    output_quantizer = qat.get_layer(wrapper.output_holder).activation_holder_quantizer
+    out_step, k_min, k_max = _grid_values(trainable_grid(output_quantizer))
     kernel = wrapper.weights_quantizers["kernel"](wrapper.layer.kernel, False).numpy()
     x_int = np.round(inputs / in_step).astype(np.float64)
     if name == "depthwise":
@@ -91,7 +92,7 @@ def test_training_and_calibration_keep_the_float_computation(qat):
     wrapper = qat.get_layer("conv")
     inputs = keras.ops.convert_to_numpy(keras.Model(qat.inputs, qat.get_layer("x_activation_quantizer").output)(X))
     trained = keras.ops.convert_to_numpy(wrapper(inputs, training=True))
-    step = _grid_values(trainable_grid(qat.get_layer("conv_activation_quantizer").activation_quantizer))[0]
+    step = _grid_values(trainable_grid(qat.get_layer("conv_activation_quantizer").activation_holder_quantizer))[0]
     assert not np.allclose(trained / step, np.round(trained / step))  # not on the output grid
     holder = qat.get_layer("conv_activation_quantizer")
     holder._observer = lambda values: values

@@ -137,7 +137,7 @@ def test_a_merge_of_two_tensors_gets_a_holder_unsigned_when_both_inputs_are(form
         qat = quantize_model(float_model, QATConfig())
     found = holders(qat)
     holder = found[f"{merge.name}_activation_quantizer"]
-    assert holder.activation_quantizer.params.signed is signed
+    assert holder.activation_holder_quantizer.params.signed is signed
     # The holder sits right after the merge: the last convolution reads its output.
     assert qat.get_layer("out")._inbound_nodes[0].input_tensors[0]._keras_history.operation is holder
 
@@ -153,7 +153,7 @@ def test_an_activation_after_a_merge_decides_its_sign():
         qat = quantize_model(model, QATConfig())
     holder = next(h for name, h in holders(qat).items() if name.startswith("add"))
     assert qat.get_layer("out")._inbound_nodes[0].input_tensors[0]._keras_history.operation is holder
-    assert holder.activation_quantizer.params.signed
+    assert holder.activation_holder_quantizer.params.signed
 
 
 def test_adding_a_constant_is_no_merge():

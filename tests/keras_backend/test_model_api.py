@@ -108,7 +108,7 @@ def test_quantize_places_wrappers_and_holders_on_layers_and_merges(architecture)
                                                           if isinstance(layer, QUANTIZABLE)]))
     found = {name.removesuffix("_activation_quantizer"): holder for name, holder in holders(qat).items()}
     assert set(found) == set(EXPECTED_HOLDERS[architecture])
-    signed = {name: holder.activation_quantizer.params.signed for name, holder in found.items()}
+    signed = {name: holder.activation_holder_quantizer.params.signed for name, holder in found.items()}
     assert signed == EXPECTED_HOLDERS[architecture]
     # Every BatchNormalization of these models follows a convolution: folded into it and left out.
     assert [layer.name for layer in qat.layers if not isinstance(layer, KerasActivationQuantizationHolder)] == (
@@ -139,7 +139,7 @@ def test_transposed_and_1d_convolutions_use_their_output_channel_axis():
     assert found["up"].weights_quantizers["kernel"].axis == 2
     assert found["up"].weights_quantizers["kernel"].threshold.shape == (6,)
     assert found["seq"].weights_quantizers["kernel"].axis == 2
-    signed = {name: h.activation_quantizer.params.signed for name, h in holders(qat).items()}
+    signed = {name: h.activation_holder_quantizer.params.signed for name, h in holders(qat).items()}
     assert signed == {"x_activation_quantizer": True, "up_activation_quantizer": False,
                       "seq_activation_quantizer": True, "fc_input_activation_quantizer": True,
                       "fc_activation_quantizer": True}
@@ -223,7 +223,7 @@ def test_overrides_and_skips_apply():
     assert wrapped["fc"].weights_quantizers["kernel"].quantization_config.weights_n_bits == 8
     assert wrapped["layer1_conv1"].weights_quantizers["kernel"].quantization_config.weights_n_bits == 4
     found = holders(qat)
-    assert found["fc_activation_quantizer"].activation_quantizer.quantization_config.activation_n_bits == 6
+    assert found["fc_activation_quantizer"].activation_holder_quantizer.quantization_config.activation_n_bits == 6
     assert not any(name.startswith("layer2_") for name in found)
     assert isinstance(qat.get_layer("layer2_conv1"), keras.layers.Conv2D)
 
@@ -248,7 +248,7 @@ def test_training_method_override_and_per_tensor_weights():
 
 def test_calibration_sets_thresholds_from_data():
     qat = quantize_model(tiny_resnet(), QATConfig(), DATA, progress=False)
-    input_quantizer = holders(qat)["x_activation_quantizer"].activation_quantizer
+    input_quantizer = holders(qat)["x_activation_quantizer"].activation_holder_quantizer
     assert float(input_quantizer.threshold.numpy()) == pytest.approx(float(np.abs(X).max()))
     new = calibrate(qat, [X[:16] * 2], progress=False)
     assert set(new) == set(holders(qat))
@@ -282,7 +282,7 @@ def test_uniform_activations_and_mse_init():
         activation_quantization_method=QuantizationMethod.UNIFORM, weight_init="mse", activation_calibration="mse"
     )
     qat = quantize_model(tiny_mobilenet(), config, DATA, progress=False)
-    quantizer = holders(qat)["x_activation_quantizer"].activation_quantizer
+    quantizer = holders(qat)["x_activation_quantizer"].activation_holder_quantizer
     assert float(quantizer.range_min.numpy()) <= 0 < float(quantizer.range_max.numpy()) <= float(X.max())
     assert np.isfinite(fit(compiled(qat)).history["loss"][0])
 
@@ -392,8 +392,8 @@ def test_user_defined_training_method_is_resolved_and_calibrated():
                        activation_quantization_method=QuantizationMethod.UNIFORM)
     qat = quantize_model(tiny_sequential(), config, X, progress=False)
     found = holders(qat)
-    assert all(isinstance(h.activation_quantizer, FixedZeroActivationQuantizer) for h in found.values())
-    assert float(found["image_activation_quantizer"].activation_quantizer.range_max.numpy()) == pytest.approx(
+    assert all(isinstance(h.activation_holder_quantizer, FixedZeroActivationQuantizer) for h in found.values())
+    assert float(found["image_activation_quantizer"].activation_holder_quantizer.range_max.numpy()) == pytest.approx(
         float(X.max()))
 
 

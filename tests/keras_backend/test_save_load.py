@@ -1,10 +1,15 @@
 """`.keras` save and reload: a fresh process in safe mode, resumed training, user-defined quantizers."""
 
+import io
 import subprocess
 import sys
 import textwrap
+import warnings
+import zipfile
 from enum import Enum
+from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -13,9 +18,11 @@ from mct_quantizers.keras.quantizers import ActivationUniformInferableQuantizer
 
 from tests.keras_backend.helpers import compiled, small_cnn, weights_config
 from trainable_infra import (
+    QATConfig,
     QuantizationMethod,
     QuantizationTarget,
     TrainableQuantizerActivationConfig,
+    TrainingMethod,
     get_trainable_quantizer_class,
     mark_quantizer,
 )
@@ -23,11 +30,19 @@ from trainable_infra.keras_backend import (
     BaseKerasActivationTrainableQuantizer,
     BaseKerasTrainableQuantizer,
     KerasActivationQuantizationHolder,
+    KerasInferableActivationQuantizationHolder,
     KerasTrainableQuantizationWrapper,
+    LSQUniformActivationQuantizer,
     LSQUniformWeightQuantizer,
     STESymmetricWeightQuantizer,
+    calibrate,
     convert_to_inferable,
+    export_tflite,
+    freeze_quantizers,
     keras_load_quantized_model,
+    quantization_report,
+    quantize_model,
+    unfreeze_quantizers,
 )
 from trainable_infra.keras_backend.fake_quant import fake_quant
 
@@ -156,11 +171,11 @@ def test_user_quantizer_is_found_by_keras_load_quantized_model(tmp_path):
         keras.models.load_model(tmp_path / "pact.keras")
     loaded = keras_load_quantized_model(tmp_path / "pact.keras", compile=False)
     holder = loaded.layers[1]
-    assert type(holder.activation_quantizer) is PACTActivationQuantizer
-    assert holder.activation_quantizer.initial_alpha == 3.0
-    trained_alpha = model.layers[1].activation_quantizer.alpha.numpy()
+    assert type(holder.activation_holder_quantizer) is PACTActivationQuantizer
+    assert holder.activation_holder_quantizer.initial_alpha == 3.0
+    trained_alpha = model.layers[1].activation_holder_quantizer.alpha.numpy()
     assert trained_alpha != 3.0
-    np.testing.assert_array_equal(holder.activation_quantizer.alpha.numpy(), trained_alpha)
+    np.testing.assert_array_equal(holder.activation_holder_quantizer.alpha.numpy(), trained_alpha)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     converted = convert_to_inferable(loaded)
     np.testing.assert_array_equal(converted.predict(x, verbose=0), model.predict(x, verbose=0))
@@ -176,3 +191,94 @@ def test_loaded_quantizers_hold_the_trained_parameters(tmp_path, digits):
         assert type(layer) is type(twin)
         for v, w in zip(layer.weights, twin.weights, strict=True):
             np.testing.assert_array_equal(tf.convert_to_tensor(v).numpy(), tf.convert_to_tensor(w).numpy())
+
+
+# Saved by the library before the holders' quantizer attribute became `activation_holder_quantizer`
+# (data/make_pre_rename_fixture.py), with the models' outputs on a fixed input.
+DATA = Path(__file__).parent / "data"
+PRE_RENAME = {
+    "qat": (KerasActivationQuantizationHolder, LSQUniformActivationQuantizer),
+    "inferable": (KerasInferableActivationQuantizationHolder, ActivationUniformInferableQuantizer),
+}
+
+
+def _load_in_safe_mode(path):
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def _weight_paths(path) -> list[str]:
+    """Where a `.keras` file keeps each variable (Keras' saving_lib paths) and its shape."""
+    with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
+        found = []
+        weights.visititems(lambda name, item: found.append(f"{name} {item.shape}")
+                           if isinstance(item, h5py.Dataset) else None)
+    return found
+
+
+def _alias_reads(caught) -> list[str]:
+    """Where the recorded warnings say the deprecated holder alias was read."""
+    return [f"{w.filename}:{w.lineno}" for w in caught if "activation_quantizer is deprecated" in str(w.message)]
+
+
+@pytest.mark.parametrize("loader", [keras_load_quantized_model, _load_in_safe_mode],
+                         ids=["keras_load_quantized_model", "keras.saving.load_model"])
+@pytest.mark.parametrize("kind", list(PRE_RENAME))
+def test_files_saved_before_the_holder_attribute_rename_load_with_identical_outputs(tmp_path, loader, kind):
+    holder_cls, quantizer_cls = PRE_RENAME[kind]
+    expected = np.load(DATA / "pre_rename_expected.npz")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = loader(str(DATA / f"pre_rename_{kind}.keras"))
+        outputs = keras.ops.convert_to_numpy(model(expected["x"], training=False))
+        model.save(tmp_path / "again.keras")
+    assert not _alias_reads(caught)
+    np.testing.assert_array_equal(outputs, expected[kind])
+    # Saving again writes each variable where the old file had it.
+    assert _weight_paths(tmp_path / "again.keras") == _weight_paths(DATA / f"pre_rename_{kind}.keras")
+
+    holders = [layer for layer in model.layers if isinstance(layer, holder_cls)]
+    assert [h.name for h in holders] == ["x_activation_quantizer", "conv_activation_quantizer",
+                                         "dense_activation_quantizer"]
+    x = tf.constant(np.linspace(-4.0, 4.0, 64, dtype=np.float32))
+    for holder in holders:
+        quantizer = holder.activation_holder_quantizer
+        assert type(quantizer) is quantizer_cls, holder.name
+        if kind == "qat":  # its parameters are the holder's loaded variables, and the holder computes with it
+            assert {id(entry.variable) for entry in quantizer.quantizer_parameters.values()} == {
+                id(v) for v in holder.weights}
+            np.testing.assert_array_equal(holder(x, training=False).numpy(), quantizer(x, False).numpy())
+        else:
+            np.testing.assert_array_equal(holder(x).numpy(), quantizer(x).numpy())
+
+
+def _float_model_with_attention() -> keras.Model:
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.ReLU()(keras.layers.Conv2D(4, 3, name="conv")(inputs))
+    x = keras.layers.Reshape((36, 4))(x)
+    x = keras.layers.MultiHeadAttention(num_heads=1, key_dim=4, name="attention")(x, x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="head")(keras.layers.Flatten()(x)))
+
+
+def test_library_never_reads_the_deprecated_holder_alias(tmp_path, digits):
+    x, y = digits
+    # Recorded, not turned into errors: Keras' saving reads attributes inside `except Exception`, which would
+    # swallow an error raised there, and the alias must not warn there either.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = QATConfig(weight_training_method=TrainingMethod.LSQ, activation_training_method=TrainingMethod.LSQ)
+        qat = compiled(quantize_model(_float_model_with_attention(), config, x[:64], progress=False))
+        qat.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0)
+        quantization_report(qat, x[:16], print_table=False)
+        calibrate(qat, x[:16], progress=False)
+        freeze_quantizers(qat)
+        unfreeze_quantizers(qat)
+        inferable = convert_to_inferable(qat)
+        export_tflite(inferable, tmp_path / "m.tflite", x[:8])
+        for name, model in (("qat", qat), ("inferable", inferable)):
+            model.save(tmp_path / f"{name}.keras")
+            expected = model.predict(x[:16], verbose=0)
+            for loader in (keras_load_quantized_model, _load_in_safe_mode):
+                loaded = loader(str(tmp_path / f"{name}.keras"))
+                np.testing.assert_array_equal(loaded.predict(x[:16], verbose=0), expected, err_msg=name)
+    assert not _alias_reads(caught)

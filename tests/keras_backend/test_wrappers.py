@@ -1,5 +1,7 @@
 """The weights wrapper and the activation holder inside Keras layers, models, `fit` and stateless calls."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -8,8 +10,10 @@ import tensorflow as tf
 from tests.keras_backend.helpers import activation_config, compiled, small_cnn, weights_config
 from trainable_infra import QuantizationMethod, VariableGroup
 from trainable_infra.common import numerics as nm
+from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.keras_backend import (
     KerasActivationQuantizationHolder,
+    KerasInferableActivationQuantizationHolder,
     KerasTrainableQuantizationWrapper,
     LSQSymmetricActivationQuantizer,
     LSQSymmetricWeightQuantizer,
@@ -259,3 +263,66 @@ def test_models_with_quantizers_are_not_compiled_with_xla():
         model.compile(optimizer="sgd", loss="mse", jit_compile=True)
     assert model.jit_compile is False
     assert not any(layer.supports_jit for layer in model.layers if "quant" in type(layer).__name__.lower())
+
+
+@pytest.mark.parametrize("kind", list(QUANTIZERS))
+@pytest.mark.parametrize("layer_name", list(LAYERS))
+def test_get_quantized_weights_are_what_the_layer_computes_with_in_eval(layer_name, kind):
+    factory, shape, attribute, axis = LAYERS[layer_name]
+    layer = factory()
+    quantizer = _quantizer(kind, axis)
+    wrapper = KerasTrainableQuantizationWrapper(layer, {attribute: quantizer})
+    x = tf.constant(RNG.normal(size=shape).astype(np.float32))
+    y = wrapper(x, training=False)
+    quantized = wrapper.get_quantized_weights()
+    assert list(quantized) == [attribute]
+    assert quantized[attribute].dtype == tf.float32
+    inferable = quantizer.convert2inferable()(tf.convert_to_tensor(getattr(layer, attribute)))
+    np.testing.assert_array_equal(quantized[attribute].numpy(), inferable.numpy())
+    np.testing.assert_array_equal(y.numpy(), _oracle(layer, attribute, quantized[attribute], shape)(x).numpy())
+
+
+def test_dense_applied_by_hand_on_get_quantized_weights_is_the_wrapper_eval_output():
+    dense = keras.layers.Dense(5)
+    wrapper = KerasTrainableQuantizationWrapper(dense, {"kernel": _quantizer("lsq-uniform", -1, n_bits=3)})
+    x = tf.constant(RNG.normal(size=(7, 6)).astype(np.float32))
+    y = wrapper(x, training=False)
+    kernel = wrapper.get_quantized_weights()["kernel"]
+    assert not np.array_equal(kernel.numpy(), dense.kernel.numpy()), "quantization changes the kernel"
+    np.testing.assert_array_equal(y.numpy(), (keras.ops.matmul(x, kernel) + dense.bias).numpy())
+
+
+def test_get_quantized_weights_leaves_out_disabled_quantizers_and_needs_a_built_wrapper():
+    dense = keras.layers.Dense(3)
+    wrapper = KerasTrainableQuantizationWrapper(dense, {"kernel": STESymmetricWeightQuantizer(
+        weights_config(enable=False))})
+    with pytest.raises(QuantizationConfigError, match=r"layer 'quant_dense\w*' is not built"):
+        wrapper.get_quantized_weights()
+    wrapper.build((None, 4))
+    assert wrapper.get_quantized_weights() == {}
+
+
+def _built_holders():
+    trainable = KerasActivationQuantizationHolder(LSQSymmetricActivationQuantizer(activation_config(n_bits=4)))
+    trainable.build((None, 6))
+    inferable = KerasInferableActivationQuantizationHolder(trainable.activation_holder_quantizer.convert2inferable())
+    return {"trainable": trainable, "inferable": inferable}
+
+
+@pytest.mark.parametrize("kind", ["trainable", "inferable"])
+def test_activation_quantizer_is_a_deprecated_read_only_alias_of_activation_holder_quantizer(kind):
+    holder = _built_holders()[kind]
+    message = r"activation_quantizer is deprecated.*read activation_holder_quantizer"
+    with pytest.warns(DeprecationWarning, match=message) as w:
+        alias = holder.activation_quantizer
+    assert alias is holder.activation_holder_quantizer
+    assert {record.filename for record in w if issubclass(record.category, DeprecationWarning)} == {__file__}
+    other = _built_holders()[kind].activation_holder_quantizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Keras' __setattr__ reads the attribute first
+        with pytest.raises(AttributeError, match="activation_quantizer"):
+            holder.activation_quantizer = other
+    assert holder.activation_holder_quantizer is alias
+    # Keras' saving reads every attribute dir() lists; the alias is hidden there so that saving does not warn.
+    assert "activation_quantizer" not in dir(holder)
+    assert "activation_holder_quantizer" in dir(holder)

@@ -204,7 +204,7 @@ class QuantizedAttentionBase(keras.layers.MultiHeadAttention):
             name: self._serialize_quantizer(q) for name, q in self.weights_quantizers.items()
         }
         config["activation_quantizers"] = {
-            point: self._serialize_quantizer(holder.activation_quantizer)
+            point: self._serialize_quantizer(holder.activation_holder_quantizer)
             for point, holder in self.activation_holders().items()
         }
         return config

@@ -114,7 +114,8 @@ def holders_of(model: keras.Model) -> dict[str, KerasActivationQuantizationHolde
     """The trainable activation holders of `model` (nested models included) by layer name, enabled ones only."""
     return {
         layer.name: layer for layer in all_layers(model)
-        if isinstance(layer, KerasActivationQuantizationHolder) and layer.activation_quantizer.activation_quantization()
+        if isinstance(layer, KerasActivationQuantizationHolder)
+        and layer.activation_holder_quantizer.activation_quantization()
     }
 
 
@@ -215,7 +216,7 @@ def calibrate(
     observers = observe_holders(model, data, num_batches, calibration, progress)
     updated = {}
     for name, holder in holders.items():
-        quantizer = holder.activation_quantizer
+        quantizer = holder.activation_holder_quantizer
         config = quantizer.quantization_config
         new = observers[name].quant_params(
             config.activation_quantization_method, config.activation_n_bits, config.min_threshold

@@ -57,15 +57,16 @@ def _make_inferable_layer(layer: keras.Operation) -> keras.Operation:
         return KerasInferableQuantizationWrapper(copy_layer(layer.layer), quantizers, input_holder=layer.input_holder,
                                                  output_holder=layer.output_holder, name=layer.name)
     if isinstance(layer, KerasActivationQuantizationHolder):
-        quantizer = layer.activation_quantizer
+        quantizer = layer.activation_holder_quantizer
         if not quantizer.activation_quantization():
             return keras.layers.Identity(name=layer.name)
         return KerasInferableActivationQuantizationHolder(inferable_of(quantizer), name=layer.name)
     if isinstance(layer, KerasQuantizedMultiHeadAttention):
         weights = {name: inferable_of(q) for name, q in layer.weights_quantizers.items() if q.weights_quantization()}
         activations = {
-            point: inferable_of(holder.activation_quantizer) for point, holder in layer.activation_holders().items()
-            if holder.activation_quantizer.activation_quantization()
+            point: inferable_of(holder.activation_holder_quantizer)
+            for point, holder in layer.activation_holders().items()
+            if holder.activation_holder_quantizer.activation_quantization()
         }
         return KerasInferableMultiHeadAttention(
             **float_attention_config(layer), weights_quantizers=weights, activation_quantizers=activations

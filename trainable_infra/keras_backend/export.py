@@ -61,7 +61,7 @@ def _quantizers(model: keras.Model) -> list[Any]:
         if isinstance(layer, KerasInferableQuantizationWrapper):
             found.extend(layer.weights_quantizers.values())
         elif isinstance(layer, KerasInferableActivationQuantizationHolder):
-            found.append(layer.activation_quantizer)
+            found.append(layer.activation_holder_quantizer)
     return found
 
 
@@ -338,7 +338,7 @@ class _Int8Attention(QuantizedAttentionBase):
 def _int8_attention(layer: KerasInferableMultiHeadAttention) -> _Int8Attention:
     return _Int8Attention(
         **float_attention_config(layer), weights_quantizers=layer.weights_quantizers,
-        activation_quantizers={point: h.activation_quantizer for point, h in layer.activation_holders().items()},
+        activation_quantizers={point: h.activation_holder_quantizer for point, h in layer.activation_holders().items()},
     )
 
 
@@ -355,7 +355,7 @@ def tflite_graph(model: keras.Model) -> keras.Model:
         if not isinstance(layer, keras.layers.Layer):
             return copy_layer(layer)  # a stateless keras.ops operation (`x + 3.0`): no weights to copy
         if isinstance(layer, KerasInferableActivationQuantizationHolder):
-            quantizer = layer.activation_quantizer
+            quantizer = layer.activation_holder_quantizer
             new = _Int8Activation(int8_grid(quantizer, False, f"layer {layer.name!r}"),
                                   quantizer if _reads_model_input(layer) else None, name=layer.name)
         elif isinstance(layer, KerasInferableQuantizationWrapper):

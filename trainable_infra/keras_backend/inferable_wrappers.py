@@ -18,6 +18,7 @@ from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.keras_backend.integer import inferable_grid, integer_forward, integer_kernel_applies
 from trainable_infra.keras_backend.wrappers import (
     PACKAGE,
+    HolderQuantizerAlias,
     QuantizedWeight,
     WeightsWrapperBase,
     call_with_weights,
@@ -96,8 +97,12 @@ class KerasInferableQuantizationWrapper(WeightsWrapperBase):
             for name, quantizer in self.weights_quantizers.items()
         )
 
+    def _quantize(self, weight: QuantizedWeight, training: bool) -> Any:
+        # An inferable quantizer has no training mode.
+        return weight.quantizer(tf.convert_to_tensor(weight.variable))
+
     def call(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        substitutes = [(w.variable, w.quantizer(tf.convert_to_tensor(w.variable))) for w in self._quantized_weights]
+        substitutes = [(w.variable, self._quantize(w, False)) for w in self._quantized_weights]
         if not args and not kwargs:
             integer = self._integer_output(inputs, substitutes)
             if integer is not None:
@@ -113,8 +118,8 @@ class KerasInferableQuantizationWrapper(WeightsWrapperBase):
         kernel_quantizer = self.weights_quantizers.get("kernel")
         if any(h is None for h in holders) or kernel_quantizer is None or not integer_kernel_applies(self.layer):
             return None
-        grids = [inferable_grid(q) for q in (holders[0].activation_quantizer, kernel_quantizer,
-                                            holders[1].activation_quantizer)]
+        grids = [inferable_grid(q) for q in (holders[0].activation_holder_quantizer, kernel_quantizer,
+                                            holders[1].activation_holder_quantizer)]
         kernel = next((value for variable, value in substitutes if variable is self.layer.kernel), None)
         if any(g is None for g in grids) or kernel is None:
             return None
@@ -144,8 +149,10 @@ class KerasInferableQuantizationWrapper(WeightsWrapperBase):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class KerasInferableActivationQuantizationHolder(keras.layers.Layer):
+class KerasInferableActivationQuantizationHolder(HolderQuantizerAlias, keras.layers.Layer):
     """Fake-quantizes the tensor that flows through it with an mct-quantizers Keras inferable quantizer.
+
+    The quantizer is the attribute `activation_holder_quantizer` (`activation_quantizer` is its deprecated alias).
 
     Args:
         activation_quantizer: an mct-quantizers `BaseKerasInferableQuantizer` of activations.
@@ -160,7 +167,7 @@ class KerasInferableActivationQuantizationHolder(keras.layers.Layer):
             )
         super().__init__(autocast=False, **kwargs)
         self.supports_jit = False  # no XLA: see the note on it in wrappers.py
-        self.activation_quantizer = activation_quantizer
+        self.activation_holder_quantizer = activation_quantizer
         self.supports_masking = True
 
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -168,14 +175,15 @@ class KerasInferableActivationQuantizationHolder(keras.layers.Layer):
         return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs: Any) -> Any:
-        return _inferable_call(self.activation_quantizer, inputs)
+        return _inferable_call(self.activation_holder_quantizer, inputs)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config["activation_quantizer"] = serialize_inferable(self.activation_quantizer)
+        # Keyed by the constructor argument, as files saved before the attribute's rename are.
+        config["activation_quantizer"] = serialize_inferable(self.activation_holder_quantizer)
         return config
 
     @classmethod

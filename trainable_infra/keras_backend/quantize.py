@@ -931,7 +931,7 @@ def _plan_integer_bias(graph: _Graph, plan: _Plan, calls_of: Counter) -> None:
         kernel_quantizer = wrapper.weights_quantizers.get("kernel")
         if holder is None or kernel_quantizer is None or not _bias_on_channel_axis(wrapper):
             continue
-        if _has_grid_step(kernel_quantizer) and _has_grid_step(holder.activation_quantizer):
+        if _has_grid_step(kernel_quantizer) and _has_grid_step(holder.activation_holder_quantizer):
             plan.input_holders[id(call.layer)] = holder.name
             key, _ = _chain_end(call, graph, consumers, through_batch_norm=True)
             if key in plan.holders and key != call.inputs[0]:

@@ -83,7 +83,7 @@ def quantization_report(
 
         def measure(name: str, holder: Any) -> Any:
             def quantize(inputs: Any) -> Any:
-                outputs = holder.activation_quantizer.quantize_inputs(inputs, False)
+                outputs = holder.activation_holder_quantizer.quantize_inputs(inputs, False)
                 reference = keras.ops.convert_to_numpy(keras.ops.cast(inputs, "float32")).astype(np.float64)
                 error = reference - keras.ops.convert_to_numpy(keras.ops.cast(outputs, "float32"))
                 signal[name] += float(np.sum(reference**2))
@@ -94,7 +94,7 @@ def quantization_report(
         with observed(holders, {name: measure(name, holder) for name, holder in holders.items()}):
             run_batches(model, data, num_batches, False, "report")
     for name, holder in holders.items():
-        quantizer = holder.activation_quantizer
+        quantizer = holder.activation_holder_quantizer
         bits, method, training = _describe(quantizer)
         sqnr = None
         if data is not None:

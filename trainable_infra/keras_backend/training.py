@@ -25,7 +25,7 @@ def quantizers_of(model: keras.Model) -> dict[str, BaseKerasTrainableQuantizer]:
         for attribute, quantizer in getattr(layer, "weights_quantizers", {}).items():
             if isinstance(quantizer, BaseKerasTrainableQuantizer):
                 found[f"{layer.name}.{attribute}"] = quantizer
-        quantizer = getattr(layer, "activation_quantizer", None)
+        quantizer = getattr(layer, "activation_holder_quantizer", None)
         if isinstance(quantizer, BaseKerasTrainableQuantizer):
             found[f"{layer.name}.activation"] = quantizer
     return found

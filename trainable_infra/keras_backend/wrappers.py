@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
@@ -253,6 +254,28 @@ class WeightsWrapperBase(keras.layers.Layer):
         self._input_holder_ref: Callable[[], Any] | None = None
         self._output_holder_ref: Callable[[], Any] | None = None
 
+    def _quantize(self, weight: QuantizedWeight, training: bool) -> Any:
+        """The value of `weight.variable` that the forward pass uses in `training` mode."""
+        raise NotImplementedError  # each wrapper calls its own kind of quantizer
+
+    def get_quantized_weights(self) -> dict[str, tf.Tensor]:
+        """The fake-quantized weights the layer computes with in inference, as mct-quantizers'
+        `PytorchQuantizationWrapper.get_quantized_weights` gives them.
+
+        Returns:
+            A dict of attribute name (e.g. "kernel") -> float32 tensor, one entry per weight whose quantizer is
+            enabled. A bias has no quantizer and is not listed: where `input_holder` is set the trained wrapper
+            rounds it onto the integer grid (`integer_bias()`), and the converted one holds that rounded bias.
+        """
+        if not self.built:
+            raise QuantizationConfigError(
+                f"layer {self.name!r} is not built, so its weights do not exist yet: call it on data (or build it, or "
+                "the model it is in) before get_quantized_weights"
+            )
+        # Variables read in float32, as `call` reads them, also inside a mixed-precision autocast scope.
+        with AutocastScope(None):
+            return {w.name: self._quantize(w, False) for w in self._quantized_weights}
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.input_holder is not None and args:
             producer = producing_holder(args[0], self.holder_class)  # a model being built records producers
@@ -334,6 +357,9 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
             # Depthwise output channel c = input channel c // multiplier: the kernel's steps are per input channel.
             self._bias_step_repeat = int(getattr(self.layer, "depth_multiplier", 1) or 1)
 
+    def _quantize(self, weight: QuantizedWeight, training: bool) -> Any:
+        return weight.quantizer.quantize_inputs(tf.convert_to_tensor(weight.variable), training)
+
     def integer_bias(self) -> tf.Tensor | None:
         """The bias the forward pass uses: round(b / s)·s on the grid s = Δ_in·Δ_w (float32, per output channel),
         or None where the float bias is used (no `input_holder`, no bias, or a quantizer without a grid step)."""
@@ -349,7 +375,7 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
         kernel_quantizer = self.weights_quantizers["kernel"]
         if not (holder._enabled and kernel_quantizer.weights_quantization()):
             return None
-        input_step, kernel_step = holder.activation_quantizer.grid_step(), kernel_quantizer.grid_step()
+        input_step, kernel_step = holder.activation_holder_quantizer.grid_step(), kernel_quantizer.grid_step()
         if input_step is None or kernel_step is None:
             return None
         scale = tf.cast(input_step, tf.float32) * tf.cast(kernel_step, tf.float32)
@@ -375,10 +401,7 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
                     owner = f"layer {self.name!r}, the {w.name!r} quantizer ({type(w.quantizer).__name__})"
                     kernel = tf.convert_to_tensor(w.variable)
                     check_finite_values(owner, f"{self.layer.name}.{w.name}", kernel, w.quantizer)
-            substitutes = [
-                (w.variable, w.quantizer.quantize_inputs(tf.convert_to_tensor(w.variable), training))
-                for w in self._quantized_weights
-            ]
+            substitutes = [(w.variable, self._quantize(w, training)) for w in self._quantized_weights]
             bias = self.integer_bias() if self._bias is not None else None
             if bias is not None:
                 substitutes.append((self._bias, bias))
@@ -401,8 +424,8 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
         kernel_quantizer = self.weights_quantizers.get("kernel")
         if not integer_kernel_applies(self.layer) or kernel_quantizer is None:
             return None
-        grids = [trainable_grid(q) for q in (holders[0].activation_quantizer, kernel_quantizer,
-                                            holders[1].activation_quantizer)]
+        grids = [trainable_grid(q) for q in (holders[0].activation_holder_quantizer, kernel_quantizer,
+                                            holders[1].activation_holder_quantizer)]
         kernel = next((value for variable, value in substitutes if variable is self.layer.kernel), None)
         if any(g is None for g in grids) or kernel is None or (self.layer.use_bias and bias is None):
             return None
@@ -434,9 +457,32 @@ class KerasTrainableQuantizationWrapper(WeightsWrapperBase):
         return cls(layer, quantizers, **config)
 
 
+class HolderQuantizerAlias:
+    """The deprecated `activation_quantizer` attribute of the Keras holders, an alias of
+    `activation_holder_quantizer` (the name PyTorch's holders and MCT's use), kept for one release."""
+
+    @property
+    def activation_quantizer(self) -> Any:
+        """Deprecated: read `activation_holder_quantizer`."""
+        warnings.warn(
+            f"{type(self).__name__}.activation_quantizer is deprecated and will be removed in the next release; "
+            "read activation_holder_quantizer instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.activation_holder_quantizer
+
+    def __dir__(self) -> list[str]:
+        # Keras' saving walks a layer by getattr on every name dir() lists (saving_lib._walk_saveable): hidden
+        # from it, the alias warns only where user code reads it, never on save or load.
+        return [name for name in super().__dir__() if name != "activation_quantizer"]
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class KerasActivationQuantizationHolder(keras.layers.Layer):
+class KerasActivationQuantizationHolder(HolderQuantizerAlias, keras.layers.Layer):
     """Fake-quantizes the tensor that flows through it with a trainable activation quantizer.
+
+    The quantizer is the attribute `activation_holder_quantizer` (`activation_quantizer` is its deprecated alias).
 
     Args:
         activation_quantizer: a `BaseKerasTrainableQuantizer` with target Activation.
@@ -458,7 +504,7 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
         # the input's dtype.
         super().__init__(autocast=False, **kwargs)
         self.supports_jit = False  # no XLA: see the note on it in wrappers.py
-        self.activation_quantizer = activation_quantizer
+        self.activation_holder_quantizer = activation_quantizer
         self.supports_masking = True
         self._enabled = activation_quantizer.activation_quantization()
         # Set by `calibrate` and `quantization_report` for the eager calls they make: a function of the input
@@ -471,8 +517,8 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
 
     def build(self, input_shape: Any) -> None:
         if self._enabled:
-            claim_quantizer(self.activation_quantizer, self, "activation_quantizer")
-            self.activation_quantizer.initialize_quantization(tuple(input_shape), "activation", self)
+            claim_quantizer(self.activation_holder_quantizer, self, "activation_quantizer")
+            self.activation_holder_quantizer.initialize_quantization(tuple(input_shape), "activation", self)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         if not self._enabled:
@@ -481,11 +527,11 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
         # KerasTrainableQuantizationWrapper.call).
         with AutocastScope(None):
             if FINITE_CHECKS.enabled:
-                quantizer = self.activation_quantizer
+                quantizer = self.activation_holder_quantizer
                 check_finite_values(f"layer {self.name!r} ({type(quantizer).__name__})", "its input", inputs, quantizer)
             if self._observer is not None:
                 return self._observer(inputs)
-            return self.activation_quantizer.quantize_inputs(inputs, bool(training))
+            return self.activation_holder_quantizer.quantize_inputs(inputs, bool(training))
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
@@ -496,7 +542,8 @@ class KerasActivationQuantizationHolder(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config["activation_quantizer"] = keras.saving.serialize_keras_object(self.activation_quantizer)
+        # Keyed by the constructor argument, as files saved before the attribute's rename are.
+        config["activation_quantizer"] = keras.saving.serialize_keras_object(self.activation_holder_quantizer)
         return config
 
     @classmethod
