@@ -193,6 +193,24 @@ def test_loaded_quantizers_hold_the_trained_parameters(tmp_path, digits):
             np.testing.assert_array_equal(tf.convert_to_tensor(v).numpy(), tf.convert_to_tensor(w).numpy())
 
 
+def test_model_saved_with_frozen_quantizers_loads_its_values(tmp_path, digits):
+    """Freezing is a training state, not part of the saved config: the reloaded model creates its variables as
+    the saved one did and loads every value into its own variable (call freeze_quantizers again to go on)."""
+    x, y = digits
+    model = compiled(small_cnn(lsq=True))
+    model.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0)
+    assert freeze_quantizers(model) > 0
+    model.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0)
+    model.save(tmp_path / "frozen.keras")
+    for loader in (keras.models.load_model, keras_load_quantized_model):
+        loaded = loader(tmp_path / "frozen.keras")
+        np.testing.assert_array_equal(loaded.predict(x[:32], verbose=0), model.predict(x[:32], verbose=0))
+        for layer, twin in zip(model.layers, loaded.layers, strict=True):
+            for v, w in zip(layer.weights, twin.weights, strict=True):
+                np.testing.assert_array_equal(tf.convert_to_tensor(v).numpy(), tf.convert_to_tensor(w).numpy())
+        assert freeze_quantizers(loaded) > 0  # the reloaded quantizers were built trainable, as the saved ones
+
+
 # Saved by the library before the holders' quantizer attribute became `activation_holder_quantizer`
 # (data/make_pre_rename_fixture.py), with the models' outputs on a fixed input.
 DATA = Path(__file__).parent / "data"

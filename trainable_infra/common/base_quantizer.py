@@ -357,8 +357,10 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
         first = next(iter(arguments))
         arguments[first] = self.current_quantization_config().to_dict()
         if "freeze_quant_params" in arguments:
-            # The validated value: the argument as given may be e.g. a numpy bool, which JSON cannot hold.
-            arguments["freeze_quant_params"] = self.freeze_quant_params
+            # The constructor's value, validated (a numpy bool, say, is not JSON). Not the attribute: the training
+            # helpers' `freeze_quantizers` switches that while training, a state `.keras` files do not keep, and a
+            # quantizer rebuilt frozen would create its variables in another order than the one it was saved in.
+            arguments["freeze_quant_params"] = check_bool("freeze_quant_params", arguments["freeze_quant_params"])
         return arguments
 
     @classmethod
