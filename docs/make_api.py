@@ -28,6 +28,9 @@ SUMMARIES = {
     "mark_quantizer": "mct-quantizers' class decorator declaring a quantizer's target, methods and identifier.",
 }
 
+# Constants under the names MCT's code imports.
+MCT_CONSTANTS = {"THRESHOLD", "RANGE_MIN", "RANGE_MAX", "SIGNED", "MIN_THRESHOLD"}
+
 
 def summary(name: str, obj: object) -> str:
     if name in SUMMARIES:
@@ -49,7 +52,12 @@ def section(module_name: str, title: str, names: list[str]) -> list[str]:
     for name in names:
         obj = getattr(module, name)
         kind = "class" if inspect.isclass(obj) else "function" if callable(obj) else type(obj).__name__
-        text = summary(name, obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else f"`{type(obj).__name__}`"
+        if inspect.isclass(obj) and obj.__name__ != name and name not in SUMMARIES:
+            text = f"MCT's name of `{obj.__name__}`."
+        elif inspect.isclass(obj) or inspect.isfunction(obj):
+            text = summary(name, obj)
+        else:
+            text = f"`{obj!r}` (MCT's constant name)" if name in MCT_CONSTANTS else f"`{obj!r}`"
         sig = signature(obj) if inspect.isfunction(obj) else ""
         lines.append(f"| `{name}{sig}` ({kind}) | {text} |".replace("\n", " "))
     return [*lines, ""]
