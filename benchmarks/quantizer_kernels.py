@@ -5,6 +5,13 @@ training mode on tensors of 1M and 16M elements; the baseline is `torch.fake_qua
 `_per_channel_affine`) with a learnable-free backward on the same tensor. Times are medians of `--repeats` runs.
 
     python benchmarks/quantizer_kernels.py --sizes 1M 16M
+    python benchmarks/quantizer_kernels.py --device cuda --triton off     # the torch path, for an A/B comparison
+
+`--count-kernels` prints instead how many kernels one training forward and one backward of each quantizer
+launch. On CUDA they are counted by torch.profiler; on the CPU the Triton path runs under Triton's interpreter
+and every Triton launch and every torch op that is not a view or an allocation counts as one kernel (the kernels
+the same calls launch on CUDA; torch's fused fake-quant ops have no CPU twin there, so count `--triton off` on
+CUDA).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 from kernel_cases import CHANNELS, SIZES, quantizers
@@ -19,6 +27,7 @@ from torch import nn
 
 from trainable_infra import TrainingMethod
 from trainable_infra.pytorch_backend import BasePytorchTrainableQuantizer
+from trainable_infra.pytorch_backend.quantizers import triton_kernels
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -42,13 +51,80 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--triton", choices=triton_kernels.MODES, default="auto",
+                        help="the Triton path: auto (CUDA), off (torch ops), interpret (Triton's interpreter)")
+    parser.add_argument("--count-kernels", action="store_true", help="count kernels per pass instead of timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.count_kernels:
+        with triton_kernels.triton_mode(args.triton):
+            count_kernels(args.device)
+        return
     where = torch.cuda.get_device_name() if args.device != "cpu" else f"CPU, {args.threads} threads"
-    print(f"torch {torch.__version__}, {where}; ns per element, forward+backward, training mode")
+    print(f"torch {torch.__version__}, {where}; Triton path {triton_kernels.mode()}; ns per element, "
+          "forward+backward, training mode")
     print(f"{'quantizer':44s} {'size':>5s} {'ours':>8s} {'fused op':>9s} {'ratio':>7s}")
-    for size_name in args.sizes:
-        run_size(size_name, args)
+    with triton_kernels.triton_mode(args.triton):
+        for size_name in args.sizes:
+            run_size(size_name, args)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch ops that launch a kernel (not views, not allocations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if not (func.is_view or name.startswith(("empty", "detach", "alias", "lift_fresh"))):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _count(fn, device: str) -> tuple[int, list[str]]:
+    """(kernels launched by `fn`, their names)."""
+    if device != "cpu":
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return len(names), names
+    launched: list[str] = []
+    original = triton_kernels._launch
+
+    def launch(kernel, *args, **kwargs):
+        launched.append(f"triton:{kernel.fn.__name__}")
+        with torch.utils._python_dispatch._disable_current_modes():
+            original(kernel, *args, **kwargs)
+
+    counter = _OpCounter()
+    with mock.patch.object(triton_kernels, "_launch", launch), counter:
+        fn()
+    return len(launched) + len(counter.ops), launched + counter.ops
+
+
+def count_kernels(device: str) -> None:
+    """Print the kernels of one training forward and one backward of each quantizer kind."""
+    mode = triton_kernels.mode()
+    print(f"torch {torch.__version__}, {device}, Triton path {mode}: kernels per pass (forward / backward)")
+    x0 = torch.randn(CHANNELS, 64, device=device) * 2
+    grad = torch.randn_like(x0)
+    for method in TrainingMethod:
+        for kind, (quantizer, is_weight) in quantizers(method, BasePytorchTrainableQuantizer, 0).items():
+            layer = nn.Module()
+            quantizer.initialize_quantization(tuple(x0.shape) if is_weight else None, "t", layer)
+            layer.to(device)
+            x = x0.clone().requires_grad_()
+            quantizer(x, True).backward(grad)  # warm up (compile the kernels)
+            x.grad = None
+            holder = {}
+            forward, forward_names = _count(lambda q=quantizer, x=x, h=holder: h.update(out=q(x, True)), device)
+            backward, backward_names = _count(lambda h=holder: h["out"].backward(grad), device)
+            print(f"{method.name + ' ' + kind:44s} {forward:3d} / {backward:3d}   fwd: {', '.join(forward_names)}"
+                  f" | bwd: {', '.join(backward_names)}")
 
 
 def run_size(size_name: str, args: argparse.Namespace) -> None:

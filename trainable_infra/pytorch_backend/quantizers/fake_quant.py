@@ -4,6 +4,9 @@ On CUDA the fused kernels (`torch.fake_quantize_per_*_affine`) are the fast path
 operations written out (multiply by 1/Δ, round half to even, add the zero point, clip, subtract it, multiply
 by Δ) run 5-10x faster than the fused CPU kernel, which is not vectorized, and give the same bits: the kernel
 computes exactly `(clip(nearbyint(x · (1/Δ)) + z, q_min, q_max) - z) · Δ` in float32.
+
+Eagerly on CUDA, where triton is installed, the Triton kernels of `triton_kernels` replace both: one kernel for
+the forward (which also writes the straight-through mask) and one for the backward, with the same bits.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from trainable_infra.pytorch_backend.quantizers import triton_kernels
 
 
 def fake_quantize(
@@ -23,6 +28,8 @@ def fake_quantize(
     q_max: int,
 ) -> torch.Tensor:
     """Fake-quantize `x` with C-length `delta` / int32 `zero_point`, per-channel along `axis` or per-tensor."""
+    if triton_kernels.applies(x) and triton_kernels.supported(x, axis):
+        return triton_kernels.fake_quantize(x, delta, zero_point, axis, q_min, q_max)[0]
     if x.device.type != "cpu":
         if axis is None:
             return torch.fake_quantize_per_tensor_affine(x, delta, zero_point, q_min, q_max)
@@ -73,11 +80,20 @@ class STEFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, low: torch.Tensor,
                 high: torch.Tensor, axis: int | None, view: tuple[int, ...], q_min: int, q_max: int) -> torch.Tensor:
+        ctx.triton = triton_kernels.applies(x) and triton_kernels.supported(x, axis)
+        if ctx.triton:
+            # The kernel's mask is [Δ·(q_min - z), Δ·(q_max - z)], the same float32 products as `low` and `high`.
+            out, mask = triton_kernels.fake_quantize(x, delta, zero_point, axis, q_min, q_max, with_mask=True)
+            ctx.save_for_backward(mask)
+            return out
         ctx.save_for_backward(x, low, high)
         ctx.eager = eager()
         return fake_quantize(x, delta, zero_point, axis, view, q_min, q_max)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
+        if ctx.triton:
+            (mask,) = ctx.saved_tensors
+            return triton_kernels.ste_backward(grad, mask), None, None, None, None, None, None, None, None
         x, low, high = ctx.saved_tensors
         return ste_input_grad(grad, x, low, high, ctx.eager), None, None, None, None, None, None, None, None

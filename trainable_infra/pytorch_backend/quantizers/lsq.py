@@ -2,7 +2,9 @@
 
 Forward is torch's fused fake-quant kernel, bit-exact with the inferable quantizer. Backward is written out
 (DESIGN.md §4, `common.numerics.lsq_grads_*`): the straight-through input gradient on the unrounded range, and
-the LSQ parameter gradients scaled by g = 1/sqrt(N·q_max).
+the LSQ parameter gradients scaled by g = 1/sqrt(N·q_max). Eagerly on CUDA with triton, one Triton kernel
+(`triton_kernels.lsq_backward`) computes the input gradient and the per-block sums in one pass over x; the sums
+then differ from the torch path's by float32 summation order only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from trainable_infra.pytorch_backend.base_quantizer import (
     BasePytorchActivationTrainableQuantizer,
     BasePytorchWeightTrainableQuantizer,
 )
+from trainable_infra.pytorch_backend.quantizers import triton_kernels
 from trainable_infra.pytorch_backend.quantizers.fake_quant import eager, ste_input_grad
 from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, UniformGrid
 
@@ -48,18 +51,38 @@ def _steps(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, q: An
     return c, torch.round(c).sub_(c)
 
 
+def _use_triton(x: torch.Tensor, q: Any) -> bool:
+    return triton_kernels.applies(x) and triton_kernels.supported(x, q.axis)
+
+
+def _triton_backward(ctx: Any, grad_output: torch.Tensor, sums: bool):
+    """(grad_x, (Σ g·e, Σ (g - grad_x)·c, Σ (g - grad_x)) or None) from the one-pass Triton kernel."""
+    x, *_, delta, zero_point = ctx.saved_tensors
+    q = ctx.q
+    return triton_kernels.lsq_backward(x, grad_output, delta, zero_point, q.axis, q.q_min, q.q_max, sums)
+
+
 class _LSQSymmetricFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, q: SymmetricGrid, grad_scale: float):
         delta, zero_point = q.grid()
         ctx.save_for_backward(x, threshold, delta, zero_point)
-        ctx.q, ctx.grad_scale, ctx.eager = q, grad_scale, eager()
+        ctx.q, ctx.grad_scale, ctx.eager, ctx.triton = q, grad_scale, eager(), _use_triton(x, q)
         return q.fake_quantize(x, delta, zero_point)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         x, threshold, delta, zero_point = ctx.saved_tensors
         q = ctx.q
+        if ctx.triton:
+            grad_x, sums = _triton_backward(ctx, grad_output, ctx.needs_input_grad[1])
+            grad_threshold = None
+            if sums is not None:
+                error_sum, clipped_sum, _ = sums
+                grad = (error_sum + clipped_sum).reshape(threshold.shape).to(threshold.dtype) * (
+                    ctx.grad_scale / q.steps)
+                grad_threshold = grad * (threshold >= q.params.min_threshold)
+            return grad_x if ctx.needs_input_grad[0] else None, grad_threshold, None, None
         low, high = q.bounds(delta, zero_point)
         grad_x = ste_input_grad(grad_output, x, low, high, ctx.eager)
         grad_threshold = None
@@ -81,26 +104,36 @@ class _LSQUniformFunction(torch.autograd.Function):
                 grad_scale: float):
         delta, zero_point = q.grid()
         ctx.save_for_backward(x, range_min, range_max, delta, zero_point)
-        ctx.q, ctx.grad_scale, ctx.eager = q, grad_scale, eager()
+        ctx.q, ctx.grad_scale, ctx.eager, ctx.triton = q, grad_scale, eager(), _use_triton(x, q)
         return q.fake_quantize(x, delta, zero_point)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         x, range_min, range_max, delta, zero_point = ctx.saved_tensors
         q = ctx.q
-        low, high = q.bounds(delta, zero_point)
-        grad_x = ste_input_grad(grad_output, x, low, high, ctx.eager)
+        needs_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        if ctx.triton:
+            grad_x, sums = _triton_backward(ctx, grad_output, needs_range)
+        else:
+            low, high = q.bounds(delta, zero_point)
+            grad_x = ste_input_grad(grad_output, x, low, high, ctx.eager)
         grad_min = grad_max = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if needs_range:
             levels = q.q_max
-            c, error = _steps(x.float(), delta, zero_point, q)
-            g = grad_output.float()
-            outside = g - grad_x.float()  # the upstream gradient where x was clipped
-            # Clipped values sit at c = 0 (below) or c = K (above): Σ_above g = Σ outside·c / K.
-            above = _sum(outside, c, q.reduce_dims, ctx.eager) / levels
-            below = (outside.sum() if q.reduce_dims is None else outside.sum(dim=q.reduce_dims)) - above
-            # Inside, the rounding error moves the ends apart or together.
-            rounding = _sum(g, error, q.reduce_dims, ctx.eager) / levels
+            if ctx.triton:
+                error_sum, clipped_sum, outside_sum = sums
+                above = clipped_sum / levels
+                below = outside_sum - above
+                rounding = error_sum / levels
+            else:
+                c, error = _steps(x.float(), delta, zero_point, q)
+                g = grad_output.float()
+                outside = g - grad_x.float()  # the upstream gradient where x was clipped
+                # Clipped values sit at c = 0 (below) or c = K (above): Σ_above g = Σ outside·c / K.
+                above = _sum(outside, c, q.reduce_dims, ctx.eager) / levels
+                below = (outside.sum() if q.reduce_dims is None else outside.sum(dim=q.reduce_dims)) - above
+                # Inside, the rounding error moves the ends apart or together.
+                rounding = _sum(g, error, q.reduce_dims, ctx.eager) / levels
             scale = ctx.grad_scale
             grad_min = ((below - rounding) * scale).reshape(range_min.shape).to(range_min.dtype)
             grad_max = ((above + rounding) * scale).reshape(range_max.shape).to(range_max.dtype)
