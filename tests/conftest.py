@@ -1,6 +1,13 @@
 """Options of the whole test suite."""
 
+import contextlib
+
 import pytest
+
+# triton's LLVM aborts the process when it loads after TensorFlow's, and mct-quantizers imports TensorFlow whenever
+# it is installed: where triton is installed (the Triton kernels' tests, inductor), it is loaded first.
+with contextlib.suppress(ImportError):
+    import triton  # noqa: F401
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

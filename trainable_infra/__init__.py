@@ -4,6 +4,14 @@ This top-level package is framework-neutral (numpy and mct-quantizers only). The
 `trainable_infra.keras_backend` and `trainable_infra.pytorch_backend`.
 """
 
+import contextlib
+
+# triton's LLVM aborts the process when it loads after TensorFlow's, and mct-quantizers (imported below) loads
+# TensorFlow whenever it is installed. Where triton is installed (CUDA builds of torch ship it) it is loaded first,
+# so that torch.compile and the quantizers' Triton kernels work beside TensorFlow; it loads neither torch nor numpy.
+with contextlib.suppress(ImportError):
+    import triton  # noqa: F401
+
 from trainable_infra.common import *  # noqa: F403
 from trainable_infra.common import __all__ as _common_all
 
