@@ -75,6 +75,20 @@ def time_group(steps: dict[str, Callable[[], None]], warmup: int, count: int) ->
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def gpu_busy(step: Callable[[], None], steps: int = 3) -> tuple[float, float]:
+    """(milliseconds the GPU spends in kernels, kernels launched) per step: a step whose wall time is well above
+    its kernel time waits on the CPU (Python and kernel launches), not on the GPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / 1e3 / steps, len(kernels) / steps
+
+
 def report(title: str, medians: dict[str, float]) -> None:
     base = medians["float"]
     print(title, flush=True)
@@ -88,6 +102,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="eager rows only")
+    parser.add_argument("--profile", action="store_true", help="also the GPU's kernel time and launches per step")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to try the script's plumbing")
     args = parser.parse_args()
 
@@ -134,6 +149,10 @@ def main() -> None:
             "torch.ao QAT": make_step(ao, x, y, None),
         }
         report(f"{name}, batch {batch}, {size}x{size}, eager", time_group(steps, args.warmup, args.steps))
+        if args.profile:
+            for label, step in steps.items():
+                busy, launched = gpu_busy(step)
+                print(f"  {label:28s} GPU busy {busy:7.2f} ms/step, {launched:6.0f} kernels/step", flush=True)
     if args.no_compile:
         return
     for name in args.models:

@@ -167,16 +167,22 @@ def test_matches_torch_path(training, kind, dtype, memory_format, device):
     case = f"{training.name}-{kind.id}-{dtype}-{memory_format}-{device}"
     x_np = _probe(quantizer, kind, seed=1)
     grad_np = np.random.default_rng(2).normal(size=kind.shape).astype(np.float32)
+    # The reference is the torch path on the CPU, the written-out float32 operations of DESIGN.md §4. On CUDA
+    # the torch path's fused kernels agree with it except for float16 inputs with a per-channel zero point,
+    # which they compute wrongly (values far off the grid); the Triton kernels compute the float32 operations.
+    reference, _ = _build(training, kind, "cpu")
     with triton_kernels.triton_mode("off"):
-        expected = _step(quantizer, kind, x_np, grad_np, dtype, memory_format, device)
+        expected = _step(reference, kind, x_np, grad_np, dtype, memory_format, "cpu")
     with _triton(device), mock.patch.object(triton_kernels, "_launch", wraps=triton_kernels._launch) as launch:
         actual = _step(quantizer, kind, x_np, grad_np, dtype, memory_format, device)
+    layout = actual[0].stride(), actual[1].stride()
+    actual = (actual[0].cpu(), actual[1].cpu(), [None if g is None else g.cpu() for g in actual[2]])
     # STE: the forward kernel (its backward is one select on the mask); LSQ: forward and backward kernels.
     expected_launches = 1 if training is STE else 2
     assert launch.call_count == expected_launches, f"{case}: {launch.call_count} Triton launches"
     _assert_same_bits(actual[0], expected[0], f"{case}: output")
     _assert_same_bits(actual[1], expected[1], f"{case}: input gradient")
-    assert actual[1].stride() == actual[0].stride() == actual[1].stride(), f"{case}: layout"
+    assert layout[0] == layout[1], f"{case}: layout"
     for got, want in zip(actual[2], expected[2], strict=True):
         if training is STE:
             assert got is None, f"{case}: STE parameters must not be trained"

@@ -189,7 +189,14 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         """(Δ_in, Δ_w, s = Δ_in·Δ_w): the input's step, the weight's steps and the bias grid, in float32."""
         x_step = self.input_holder.activation_holder_quantizer.grid()[0]
         w_step = self.weights_quantizers["weight"].grid()[0]
-        return x_step, w_step, x_step * w_step
+        # Eagerly the steps are the quantizers' kept tensors while their parameters are unchanged, and so is s.
+        cached = self.__dict__.get("_scale_cache")
+        if cached is not None and cached[0] is x_step and cached[1] is w_step:
+            return x_step, w_step, cached[2]
+        scale = x_step * w_step
+        if not torch.compiler.is_compiling():
+            self.__dict__["_scale_cache"] = (x_step, w_step, scale)
+        return x_step, w_step, scale
 
     def get_quantized_weights(self) -> dict[str, torch.Tensor]:
         """{attribute: fake-quantized weight}, as this wrapper's forward uses them in its current mode."""

@@ -99,6 +99,44 @@ class _Grid:
             return super().get_quantizer_variable(name)
         return getattr(self._layer, attribute)
 
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Δ, zero point) as C-length float32 and int32 vectors, outside autograd.
+
+        Eagerly, for parameters that are not trained (STE, frozen LSQ), the pair is kept until a parameter changes
+        (a new tensor, new memory, or an in-place write such as `fill_` or `load_state_dict`, which bump its
+        version): a training step asks for it several times (forward, integer bias), so the handful of small
+        kernels that compute it run once instead of on every call. The cached tensors are never written to.
+        """
+        variables = [getattr(self._layer, attribute) for attribute in self._attributes.values()]
+        if torch.compiler.is_compiling() or any(variable.requires_grad for variable in variables):
+            # Trained parameters change every step, and FSDP writes their gathered values into the same
+            # tensors without a version bump: computed on every call.
+            return self._compute_grid()
+        key = [(variable._version, variable.data_ptr()) for variable in variables]
+        cached = self.__dict__.get("_grid_cache")
+        if (
+            cached is not None
+            and cached[2] == key
+            and all(a is b for a, b in zip(cached[1], variables, strict=True))
+        ):
+            return cached[0]
+        result = self._compute_grid()
+        # The variables themselves are kept (not their ids), so a replaced one can never be mistaken for them.
+        self.__dict__["_grid_cache"] = (result, variables, key)
+        return result
+
+    def grid_and_bounds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Δ, zero point, low, high): `grid()` and the straight-through range `bounds()` of that grid, both kept
+        eagerly while the grid is."""
+        delta, zero_point = self.grid()
+        cached = self.__dict__.get("_bounds_cache")
+        if cached is not None and cached[0] is delta:
+            return delta, zero_point, *cached[1]
+        low, high = self.bounds(delta, zero_point)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_bounds_cache"] = (delta, (low, high))
+        return delta, zero_point, low, high
+
     def fake_quantize(self, x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         """Fake-quantize `x` on the grid (Δ, zero point), without gradient rules."""
         return fake_quantize(x, delta, zero_point, self.axis, self.view, self.q_min, self.q_max)
@@ -142,8 +180,7 @@ class SymmetricGrid(_Grid):
         t = self.threshold.detach().float().clamp_min(self.params.min_threshold)
         return power_of_two(t) if self.params.power_of_two else t
 
-    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Δ, zero point) as C-length float32 and int32 vectors, outside autograd."""
+    def _compute_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         delta = (self.effective_threshold() / self.steps).detach()
         return delta, torch.zeros_like(delta, dtype=torch.int32)
 
@@ -196,8 +233,7 @@ class UniformGrid(_Grid):
         high = torch.maximum(self.range_max.detach().float().clamp_min(0.0), low + self.params.min_threshold)
         return low, high
 
-    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Δ, zero point) as C-length float32 and int32 vectors, outside autograd."""
+    def _compute_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = self.effective_range()
         delta = (high - low) / self.q_max
         return delta, torch.round(-low / delta).clamp(0, self.q_max).to(torch.int32)

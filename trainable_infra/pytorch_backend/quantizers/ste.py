@@ -23,10 +23,10 @@ class _STE:
 
     def __call__(self, inputs: torch.Tensor, training: bool) -> torch.Tensor:
         """Fake-quantize `inputs`; in training the gradient passes where the input lies in the range."""
-        delta, zero_point = self.grid()
         if not training:
+            delta, zero_point = self.grid()
             return self.fake_quantize(inputs, delta, zero_point)
-        low, high = self.bounds(delta, zero_point)
+        delta, zero_point, low, high = self.grid_and_bounds()
         return STEFakeQuantize.apply(
             inputs, delta, zero_point, low, high, self.axis, self.view, self.q_min, self.q_max
         )
