@@ -121,7 +121,7 @@ class _DQAUniform(_DQA, UniformGrid):
         low, high = self.effective_range()
         grids = []
         for q_min, q_max in self._candidate_ranges:
-            delta = (high - low) / q_max
+            delta = (high - low) / torch.full_like(high, float(q_max))  # an IEEE quotient on CUDA too (grid.py)
             zero_point = torch.round(-low / delta).clamp(0, q_max).to(torch.int32)
             d, z = delta.view(self.view), zero_point.view(self.view)
             grids.append((delta, zero_point, -z * d, (q_max - z) * d, q_min, q_max))

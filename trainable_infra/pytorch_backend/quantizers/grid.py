@@ -235,7 +235,9 @@ class UniformGrid(_Grid):
 
     def _compute_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = self.effective_range()
-        delta = (high - low) / self.q_max
+        # Divided by a tensor on the device: torch divides a CUDA tensor by a Python number as a product with its
+        # reciprocal, one ulp off the IEEE quotient that the numerics (and the CPU) compute.
+        delta = (high - low) / torch.full_like(high, float(self.q_max))
         return delta, torch.round(-low / delta).clamp(0, self.q_max).to(torch.int32)
 
     def bounds(self, delta: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
