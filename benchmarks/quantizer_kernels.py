@@ -61,7 +61,7 @@ def main() -> None:
             count_kernels(args.device)
         return
     where = torch.cuda.get_device_name() if args.device != "cpu" else f"CPU, {args.threads} threads"
-    print(f"torch {torch.__version__}, {where}; Triton path {triton_kernels.mode()}; ns per element, "
+    print(f"torch {torch.__version__}, {where}; Triton path {args.triton}; ns per element, "
           "forward+backward, training mode")
     print(f"{'quantizer':44s} {'size':>5s} {'ours':>8s} {'fused op':>9s} {'ratio':>7s}")
     with triton_kernels.triton_mode(args.triton):
