@@ -156,6 +156,8 @@ def calibrate(
         with torch.no_grad():
             for key, variable in variables.items():
                 variable.fill_(new[key])
+        if hasattr(quantizer, "forget_grid"):
+            quantizer.forget_grid()  # the filled tensor may be a sharded copy of the one the grid was kept for
         # The config describes the quantizer as calibrated (get_config, from_config and repr read it).
         quantizer.quantization_config = quantizer.current_quantization_config()
         if new.get("is_signed") and not config.activation_quantization_params.get("is_signed", True):

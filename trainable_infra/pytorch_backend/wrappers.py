@@ -29,6 +29,19 @@ _CALL_CONV = "conv"
 _CALL_GENERIC = "generic"
 
 
+def forget_grids(module: nn.Module, incompatible_keys: Any = None) -> None:
+    """Make the quantizers of a wrapper or holder compute their grids afresh (a `load_state_dict` post-hook:
+    under FSDP the loaded values reach the gathered parameters without a version bump)."""
+    quantizers = (
+        list(module.weights_quantizers.values()) if isinstance(module, PytorchTrainableQuantizationWrapper)
+        else [module.activation_holder_quantizer]
+    )
+    for quantizer in quantizers:
+        forget = getattr(quantizer, "forget_grid", None)
+        if forget is not None:
+            forget()
+
+
 def check_quantizer(argument: str, quantizer: Any, target: QuantizationTarget) -> BasePytorchTrainableQuantizer:
     """Raise unless `quantizer` is a fresh PyTorch trainable quantizer for `target`."""
     if not isinstance(quantizer, BasePytorchTrainableQuantizer):
@@ -126,6 +139,7 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         self.__dict__["_output_holder"] = None
         self._output_clip: float | None = None
         self.integer_arithmetic = True  # eval as the integer kernel when linked (see set_input_holder)
+        self.register_load_state_dict_post_hook(forget_grids)
 
     @property
     def input_holder(self) -> PytorchTrainableActivationQuantizationHolder | None:
@@ -258,6 +272,7 @@ class PytorchTrainableActivationQuantizationHolder(nn.Module):
             "activation_quantizer", activation_quantizer, QuantizationTarget.Activation
         )
         activation_quantizer.initialize_quantization(None, "activation", self)
+        self.register_load_state_dict_post_hook(forget_grids)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Fake-quantize `inputs`."""

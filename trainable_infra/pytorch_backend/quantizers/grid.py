@@ -105,7 +105,9 @@ class _Grid:
         Eagerly, for parameters that are not trained (STE, frozen LSQ), the pair is kept until a parameter changes
         (a new tensor, new memory, or an in-place write such as `fill_` or `load_state_dict`, which bump its
         version): a training step asks for it several times (forward, integer bias), so the handful of small
-        kernels that compute it run once instead of on every call. The cached tensors are never written to.
+        kernels that compute it run once instead of on every call. The cached tensors are never written to. A
+        write that bypasses the version counter (`parameter.data.fill_(...)`) needs `forget_grid()` after it;
+        `calibrate` and `load_state_dict` on the wrappers and holders call it.
         """
         variables = [getattr(self._layer, attribute) for attribute in self._attributes.values()]
         if torch.compiler.is_compiling() or any(variable.requires_grad for variable in variables):
@@ -124,6 +126,12 @@ class _Grid:
         # The variables themselves are kept (not their ids), so a replaced one can never be mistaken for them.
         self.__dict__["_grid_cache"] = (result, variables, key)
         return result
+
+    def forget_grid(self) -> None:
+        """Drop the kept grid, for parameters written where their version counter does not see it (through
+        `.data`, or FSDP's gathered copies after `load_state_dict`): the next call computes it afresh."""
+        self.__dict__.pop("_grid_cache", None)
+        self.__dict__.pop("_bounds_cache", None)
 
     def grid_and_bounds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Δ, zero point, low, high): `grid()` and the straight-through range `bounds()` of that grid, both kept
