@@ -151,8 +151,10 @@ class BaseTrainableQuantizer(BaseInferableQuantizer, metaclass=ABCMeta):
     A subclass is decorated with `mark_quantizer(quantization_target=..., quantization_method=[...],
     identifier=...)`, takes its quantization config as the first `__init__` argument followed only by
     arguments with defaults, creates its variables in `initialize_quantization` (registering each with
-    `add_quantizer_variable`), fake-quantizes in `__call__(inputs, training)` and returns an mct-quantizers
-    inferable quantizer from `convert2inferable()`.
+    `add_quantizer_variable`, or, as MCT's READMEs do, setting `self.quantizer_parameters = {name: variable}`,
+    whose variables are quantization parameters), fake-quantizes in `__call__(inputs, training)` (or
+    `__call__(inputs)` where training makes no difference) and returns an mct-quantizers inferable quantizer from
+    `convert2inferable()`.
 
     Args:
         quantization_config: a `TrainableQuantizerWeightsConfig` or `TrainableQuantizerActivationConfig`
