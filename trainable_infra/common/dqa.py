@@ -13,7 +13,7 @@ The maths is `trainable_infra.common.numerics` (`dqa_attention`, `fake_quant_dqa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -133,3 +133,20 @@ class DQAQuantizer:
         config = super().get_config()
         config["temperature_schedule"] = self.temperature_schedule.to_dict()
         return config
+
+
+def set_temperature_schedules(quantizers: Iterable[Any], schedule: LinearAnnealing | Mapping[str, Any]) -> int:
+    """Give every DQA quantizer among a model's `quantizers` the temperature `schedule`; returns how many there are.
+
+    Raises:
+        QuantizationConfigError: none of them is a DQA quantizer.
+    """
+    found = [quantizer for quantizer in quantizers if isinstance(quantizer, DQAQuantizer)]
+    if not found:
+        raise QuantizationConfigError(
+            "model has no DQA quantizers; make it with quantize_model and "
+            "QATConfig(weight_training_method=TrainingMethod.DQA)"
+        )
+    for quantizer in found:
+        quantizer.set_temperature_schedule(schedule)
+    return len(found)

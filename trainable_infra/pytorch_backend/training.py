@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainable_infra.common.dqa import DQAQuantizer
+from trainable_infra.common.dqa import set_temperature_schedules
 from trainable_infra.common.enums import VariableGroup
 from trainable_infra.common.errors import QuantizationConfigError
 from trainable_infra.common.schedules import LinearAnnealing
@@ -162,12 +162,4 @@ def set_dqa_temperature_schedule(model: nn.Module, schedule: LinearAnnealing | d
     Example:
         >>> set_dqa_temperature_schedule(qat_model, LinearAnnealing(0, 300, 1.0, 0.0))  # doctest: +SKIP
     """
-    quantizers = [q for q in quantizers_of(model).values() if isinstance(q, DQAQuantizer)]
-    if not quantizers:
-        raise QuantizationConfigError(
-            "model has no DQA quantizers; make it with quantize_model and "
-            "QATConfig(weight_training_method=TrainingMethod.DQA)"
-        )
-    for quantizer in quantizers:
-        quantizer.set_temperature_schedule(schedule)
-    return len(quantizers)
+    return set_temperature_schedules(quantizers_of(model).values(), schedule)

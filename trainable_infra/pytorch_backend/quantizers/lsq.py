@@ -55,6 +55,13 @@ def _use_triton(x: torch.Tensor, q: Any) -> bool:
     return triton_kernels.applies(x) and triton_kernels.supported(x, q.axis)
 
 
+def _forward(ctx: Any, x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, q: Any) -> torch.Tensor:
+    """The fake-quantized x, on the path `ctx.triton` chose (decided once per call)."""
+    if ctx.triton:
+        return triton_kernels.fake_quantize(x, delta, zero_point, q.axis, q.q_min, q.q_max)[0]
+    return q.fake_quantize(x, delta, zero_point)
+
+
 def _triton_backward(ctx: Any, grad_output: torch.Tensor, sums: bool):
     """(grad_x, (Σ g·e, Σ (g - grad_x)·c, Σ (g - grad_x)) or None) from the one-pass Triton kernel."""
     x, *_, delta, zero_point = ctx.saved_tensors
@@ -68,7 +75,7 @@ class _LSQSymmetricFunction(torch.autograd.Function):
         delta, zero_point = q.grid()
         ctx.save_for_backward(x, threshold, delta, zero_point)
         ctx.q, ctx.grad_scale, ctx.eager, ctx.triton = q, grad_scale, eager(), _use_triton(x, q)
-        return q.fake_quantize(x, delta, zero_point)
+        return _forward(ctx, x, delta, zero_point, q)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
@@ -105,7 +112,7 @@ class _LSQUniformFunction(torch.autograd.Function):
         delta, zero_point = q.grid()
         ctx.save_for_backward(x, range_min, range_max, delta, zero_point)
         ctx.q, ctx.grad_scale, ctx.eager, ctx.triton = q, grad_scale, eager(), _use_triton(x, q)
-        return q.fake_quantize(x, delta, zero_point)
+        return _forward(ctx, x, delta, zero_point, q)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
