@@ -40,6 +40,7 @@ from trainable_infra.pytorch_backend import (
 )
 from trainable_infra.pytorch_backend.quantizers import triton_kernels
 from trainable_infra.pytorch_backend.quantizers.fake_quant import fake_quantize
+from trainable_infra.pytorch_backend.quantizers.triton_kernels import KernelGrid
 
 if not triton_kernels.available():
     pytest.skip("triton is not installed, or was not imported before TensorFlow (run with `pytest -p triton`)",
@@ -177,8 +178,9 @@ def test_matches_torch_path(training, kind, dtype, memory_format, device):
         actual = _step(quantizer, kind, x_np, grad_np, dtype, memory_format, device)
     layout = actual[0].stride(), actual[1].stride()
     actual = (actual[0].cpu(), actual[1].cpu(), [None if g is None else g.cpu() for g in actual[2]])
-    # STE: the forward kernel (its backward is one select on the mask); LSQ: forward and backward kernels.
-    expected_launches = 1 if training is STE else 2
+    # STE: the forward kernel (its backward is one select on the mask); LSQ: the forward kernel, the backward
+    # pass over x and the parameter gradients' kernel.
+    expected_launches = 1 if training is STE else 3
     assert launch.call_count == expected_launches, f"{case}: {launch.call_count} Triton launches"
     _assert_same_bits(actual[0], expected[0], f"{case}: output")
     _assert_same_bits(actual[1], expected[1], f"{case}: input gradient")
@@ -233,7 +235,7 @@ def test_ties_round_half_to_even_and_far_values_clip(device, zero_point):
     steps = torch.arange(-140, 140, dtype=torch.float32, device=device) + 0.5
     x = torch.cat([steps * delta, torch.tensor([3e38, -3e38, float("inf"), -float("inf"), 0.0, -0.0], device=device)])
     with _triton(device):
-        out, mask = triton_kernels.fake_quantize(x, delta, z, None, -128, 127, with_mask=True)
+        out, mask, _ = triton_kernels.fake_quantize(x, KernelGrid.given(delta, z), None, -128, 127, with_mask=True)
     _assert_same_bits(out, torch.fake_quantize_per_tensor_affine(x, delta, z, -128, 127), "fused op")
     with triton_kernels.triton_mode("off"):
         _assert_same_bits(out, fake_quantize(x, delta, z, None, (), -128, 127), "torch path")
@@ -247,8 +249,10 @@ def test_nan_stays_nan_and_passes_no_gradient(device):
     delta, z = torch.tensor([0.1], device=device), torch.tensor([3], dtype=torch.int32, device=device)
     x = torch.tensor([float("nan"), 0.25, -0.3], device=device)
     with _triton(device):
-        out, mask = triton_kernels.fake_quantize(x, delta, z, None, 0, 15, with_mask=True)
-        grad_x, sums = triton_kernels.lsq_backward(x, torch.ones_like(x), delta, z, None, 0, 15, sums=True)
+        out, mask, _ = triton_kernels.fake_quantize(x, KernelGrid.given(delta, z), None, 0, 15, with_mask=True)
+        grad_x, partials = triton_kernels.lsq_backward(x, torch.ones_like(x), KernelGrid.given(delta, z), None, 0,
+                                                       15, sums=True)
+        sums = partials.sum(dim=2)
     assert torch.isnan(out[0])
     assert not bool(torch.isnan(out[1:]).any())
     assert mask.tolist() == [False, True, True]
@@ -270,8 +274,10 @@ def test_odd_sizes_and_layouts(shape):
         with triton_kernels.triton_mode("off"):
             expected = fake_quantize(x, delta, z, axis, view, 0, 63)
         with triton_kernels.force_interpreter():
-            out, mask = triton_kernels.fake_quantize(x, delta, z, axis, 0, 63, with_mask=True)
-            grad_x, sums = triton_kernels.lsq_backward(x, torch.ones(()).expand(shape), delta, z, axis, 0, 63, True)
+            grid = KernelGrid.given(delta, z)
+            out, mask, _ = triton_kernels.fake_quantize(x, grid, axis, 0, 63, with_mask=True)
+            grad_x, partials = triton_kernels.lsq_backward(x, torch.ones(()).expand(shape), grid, axis, 0, 63, True)
+            sums = partials.sum(dim=2)
         _assert_same_bits(out, expected, f"{shape}: output")
         d, zp = delta.view(view), z.view(view)
         inside = (x >= -zp * d) & (x <= (63 - zp) * d)

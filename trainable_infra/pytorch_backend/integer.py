@@ -20,6 +20,7 @@ from mct_quantizers import PytorchQuantizationWrapper
 from torch import nn
 
 from trainable_infra.common.integer import INT32_MAX, INT32_MIN
+from trainable_infra.pytorch_backend.quantizers import triton_kernels
 
 # Below 2^24 every integer is a float32 and so is every partial sum of integer products, in any order.
 _FLOAT32_EXACT = 2**24
@@ -30,6 +31,9 @@ class _QuantizeBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if (triton_kernels.applies(bias) and bias.dtype == scale.dtype == torch.float32
+                and scale.numel() in (1, bias.numel())):
+            return triton_kernels.quantize_bias(bias.detach(), scale)  # one kernel for the four below
         return torch.round(bias.detach().float() / scale).clamp_(INT32_MIN, INT32_MAX).mul_(scale).to(bias.dtype)
 
     @staticmethod

@@ -90,6 +90,12 @@ def _fits_8_bits(quantizer: Any) -> bool:
     return int(quantizer.q_max) - int(quantizer.q_min) < 256
 
 
+def _step_for(quantizer: Any, output: torch.Tensor | None) -> torch.Tensor:
+    """Δ of the grid `output` lies on (the quantizer's kept step when it made `output`), else its grid's Δ."""
+    step_for = getattr(quantizer, "step_for", None)
+    return step_for(output) if step_for is not None else quantizer.grid()[0]
+
+
 def _abs_int_max(quantizer: Any) -> int:
     """The largest |q - z| of a quantizer's integer grid (bounded by its range when the zero point moves)."""
     return max(abs(int(quantizer.q_min)), abs(int(quantizer.q_max)))
@@ -199,10 +205,15 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         self.__dict__["_output_holder"] = holder if usable else None
         self._output_clip = clip
 
-    def _integer_grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Δ_in, Δ_w, s = Δ_in·Δ_w): the input's step, the weight's steps and the bias grid, in float32."""
-        x_step = self.input_holder.activation_holder_quantizer.grid()[0]
-        w_step = self.weights_quantizers["weight"].grid()[0]
+    def _integer_grid(self, x: torch.Tensor | None = None, weight: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Δ_in, Δ_w, s = Δ_in·Δ_w): the input's step, the weight's steps and the bias grid, in float32.
+
+        `x` and `weight`, the input and the quantized weight of this call, let quantizers that keep the step of
+        their latest result (`step_for`) hand it over instead of computing their grid again.
+        """
+        x_step = _step_for(self.input_holder.activation_holder_quantizer, x)
+        w_step = _step_for(self.weights_quantizers["weight"], weight)
         # Eagerly the steps are the quantizers' kept tensors while their parameters are unchanged, and so is s.
         cached = self.__dict__.get("_scale_cache")
         if cached is not None and cached[0] is x_step and cached[1] is w_step:
@@ -232,7 +243,7 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
             for name, quantizer in self.weights_quantizers.items()
         }
         if self.input_holder is not None and len(args) == 1 and not kwargs:
-            x_step, w_step, scale = self._integer_grid()
+            x_step, w_step, scale = self._integer_grid(args[0], quantized["weight"])
             if not self.training and self.integer_arithmetic and args[0].dtype == torch.float32:
                 b_int = None if module.bias is None else integer_bias(module.bias, scale)
                 output = self.output_holder

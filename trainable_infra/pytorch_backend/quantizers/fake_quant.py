@@ -29,7 +29,8 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Fake-quantize `x` with C-length `delta` / int32 `zero_point`, per-channel along `axis` or per-tensor."""
     if triton_kernels.applies(x) and triton_kernels.supported(x, axis):
-        return triton_kernels.fake_quantize(x, delta, zero_point, axis, q_min, q_max)[0]
+        return triton_kernels.fake_quantize(x, triton_kernels.KernelGrid.given(delta, zero_point), axis, q_min,
+                                            q_max)[0]
     if x.device.type != "cpu":
         if axis is None:
             return torch.fake_quantize_per_tensor_affine(x, delta, zero_point, q_min, q_max)
@@ -83,7 +84,8 @@ class STEFakeQuantize(torch.autograd.Function):
         ctx.triton = triton_kernels.applies(x) and triton_kernels.supported(x, axis)
         if ctx.triton:
             # The kernel's mask is [Δ·(q_min - z), Δ·(q_max - z)], the same float32 products as `low` and `high`.
-            out, mask = triton_kernels.fake_quantize(x, delta, zero_point, axis, q_min, q_max, with_mask=True)
+            grid = triton_kernels.KernelGrid.given(delta, zero_point)
+            out, mask, _ = triton_kernels.fake_quantize(x, grid, axis, q_min, q_max, with_mask=True)
             ctx.save_for_backward(mask)
             return out
         ctx.save_for_backward(x, low, high)

@@ -8,6 +8,7 @@ is DESIGN.md §4, the same as `trainable_infra.common.numerics`.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,6 +28,16 @@ from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.common.numerics import broadcast_shape, lsq_grad_scale, lsq_num_elements_weights
 from trainable_infra.common.quant_params import SymmetricParams, UniformParams
 from trainable_infra.pytorch_backend.quantizers.fake_quant import fake_quantize
+from trainable_infra.pytorch_backend.quantizers.triton_kernels import (
+    POWER_OF_TWO,
+    SYMMETRIC,
+    UNIFORM,
+    KernelGrid,
+)
+
+# The smallest normal float32: the Triton kernels round a threshold up to a power of two with bit operations that
+# hold for normal numbers.
+_FLOAT32_TINY = 2.0**-126
 
 
 def power_of_two(t: torch.Tensor) -> torch.Tensor:
@@ -127,11 +138,32 @@ class _Grid:
         self.__dict__["_grid_cache"] = (result, variables, key)
         return result
 
+    def keep_step(self, output: torch.Tensor, step: torch.Tensor) -> None:
+        """Note that `output`, this quantizer's latest result, lies on a grid of step `step` (see `step_for`)."""
+        if not torch.compiler.is_compiling():
+            # A weak reference: the quantizer must not keep a batch's activations alive.
+            self.__dict__["_output_step"] = (weakref.ref(output), step)
+
+    def step_for(self, output: torch.Tensor | None = None) -> torch.Tensor:
+        """Δ of the grid `output` lies on when it is this quantizer's latest result or a view of it, else `grid()`'s Δ.
+
+        The layer an input or a weight goes to needs the step it was quantized with (its bias grid is Δ_in·Δ_w):
+        the quantizer's own pass has computed it, and a trained grid would otherwise be computed again.
+        """
+        kept = self.__dict__.get("_output_step")
+        if output is not None and kept is not None:
+            latest = kept[0]()
+            # A view of the result (flattened, sliced) holds the same grid's values.
+            if latest is not None and (output is latest or output._base is latest):
+                return kept[1]
+        return self.grid()[0]
+
     def forget_grid(self) -> None:
         """Drop the kept grid, for parameters written where their version counter does not see it (through
         `.data`, or FSDP's gathered copies after `load_state_dict`): the next call computes it afresh."""
         self.__dict__.pop("_grid_cache", None)
         self.__dict__.pop("_bounds_cache", None)
+        self.__dict__.pop("_output_step", None)
 
     def grid_and_bounds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Δ, zero point, low, high): `grid()` and the straight-through range `bounds()` of that grid, both kept
@@ -183,14 +215,28 @@ class SymmetricGrid(_Grid):
         """The threshold variable (C-length), as the layer holds it now."""
         return getattr(self._layer, self._attributes["threshold"])
 
-    def effective_threshold(self) -> torch.Tensor:
-        """The threshold the grid uses (float32): clamped by min_threshold, rounded up to 2^k for POT."""
-        t = self.threshold.detach().float().clamp_min(self.params.min_threshold)
+    def effective_threshold(self, threshold: torch.Tensor | None = None) -> torch.Tensor:
+        """The threshold the grid uses (float32): clamped by min_threshold, rounded up to 2^k for POT.
+
+        `threshold` (default: the variable as the layer holds it now) is the tensor to read, e.g. the one an
+        autograd node saved.
+        """
+        t = (self.threshold if threshold is None else threshold).detach().float().clamp_min(self.params.min_threshold)
         return power_of_two(t) if self.params.power_of_two else t
 
-    def _compute_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        delta = (self.effective_threshold() / self.steps).detach()
+    def _compute_grid(self, threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        delta = (self.effective_threshold(threshold) / self.steps).detach()
         return delta, torch.zeros_like(delta, dtype=torch.int32)
+
+    def kernel_grid(self, threshold: torch.Tensor | None = None) -> KernelGrid:
+        """The grid as the Triton kernels compute it from `threshold` (default: the variable as the layer holds it
+        now): the same (Δ, 0) as `grid()`, without torch kernels."""
+        t = (self.threshold if threshold is None else threshold).detach()
+        p = self.params
+        if p.power_of_two and p.min_threshold < _FLOAT32_TINY:
+            return KernelGrid.given(*self._compute_grid(t))
+        t = t.contiguous()
+        return KernelGrid(POWER_OF_TWO if p.power_of_two else SYMMETRIC, t, t, p.min_threshold, self.steps)
 
     def bounds(self, delta: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[Δ·q_min, Δ·q_max], shaped to broadcast against the input."""
@@ -234,15 +280,30 @@ class UniformGrid(_Grid):
         """The upper range end (C-length), as the layer holds it now."""
         return getattr(self._layer, self._attributes["range_max"])
 
-    def effective_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The range the grid spans (float32): widened to contain 0, and to min_threshold if narrower."""
-        low = self.range_min.detach().float().clamp_max(0.0)
+    def effective_range(self, range_min: torch.Tensor | None = None, range_max: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range the grid spans (float32): widened to contain 0, and to min_threshold if narrower.
+
+        `range_min` / `range_max` (default: the variables as the layer holds them now) are the tensors to read.
+        """
+        range_min = self.range_min if range_min is None else range_min
+        range_max = self.range_max if range_max is None else range_max
+        low = range_min.detach().float().clamp_max(0.0)
         # Training can push range_max to or below range_min (Δ = 0): a range that narrow is held at min_threshold.
-        high = torch.maximum(self.range_max.detach().float().clamp_min(0.0), low + self.params.min_threshold)
+        high = torch.maximum(range_max.detach().float().clamp_min(0.0), low + self.params.min_threshold)
         return low, high
 
-    def _compute_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        low, high = self.effective_range()
+    def kernel_grid(self, range_min: torch.Tensor | None = None, range_max: torch.Tensor | None = None
+                    ) -> KernelGrid:
+        """The grid as the Triton kernels compute it from the range (default: the variables as the layer holds
+        them now): the same (Δ, z) as `grid()`, without torch kernels."""
+        range_min = (self.range_min if range_min is None else range_min).detach().contiguous()
+        range_max = (self.range_max if range_max is None else range_max).detach().contiguous()
+        return KernelGrid(UNIFORM, range_min, range_max, self.params.min_threshold, float(self.q_max))
+
+    def _compute_grid(self, range_min: torch.Tensor | None = None, range_max: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = self.effective_range(range_min, range_max)
         # Divided by a tensor on the device: torch divides a CUDA tensor by a Python number as a product with its
         # reciprocal, one ulp off the IEEE quotient that the numerics (and the CPU) compute.
         delta = (high - low) / torch.full_like(high, float(self.q_max))

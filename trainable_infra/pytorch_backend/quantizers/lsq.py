@@ -2,9 +2,11 @@
 
 Forward is torch's fused fake-quant kernel, bit-exact with the inferable quantizer. Backward is written out
 (DESIGN.md §4, `common.numerics.lsq_grads_*`): the straight-through input gradient on the unrounded range, and
-the LSQ parameter gradients scaled by g = 1/sqrt(N·q_max). Eagerly on CUDA with triton, one Triton kernel
-(`triton_kernels.lsq_backward`) computes the input gradient and the per-block sums in one pass over x; the sums
-then differ from the torch path's by float32 summation order only.
+the LSQ parameter gradients scaled by g = 1/sqrt(N·q_max). Eagerly on CUDA with triton, the Triton kernels
+compute the grid from the parameters themselves: the forward is one kernel, the backward one pass over x for the
+input gradient and per-block sums and one small kernel for the parameter gradients (`triton_kernels`); the sums
+then differ from the torch path's by float32 summation order only. Each call keeps the step it quantized with
+(`keep_step`), which the layer its output goes to reads back for its bias grid.
 """
 
 from __future__ import annotations
@@ -55,45 +57,46 @@ def _use_triton(x: torch.Tensor, q: Any) -> bool:
     return triton_kernels.applies(x) and triton_kernels.supported(x, q.axis)
 
 
-def _forward(ctx: Any, x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, q: Any) -> torch.Tensor:
-    """The fake-quantized x, on the path `ctx.triton` chose (decided once per call)."""
-    if ctx.triton:
-        return triton_kernels.fake_quantize(x, delta, zero_point, q.axis, q.q_min, q.q_max)[0]
-    return q.fake_quantize(x, delta, zero_point)
-
-
-def _triton_backward(ctx: Any, grad_output: torch.Tensor, sums: bool):
-    """(grad_x, (Σ g·e, Σ (g - grad_x)·c, Σ (g - grad_x)) or None) from the one-pass Triton kernel."""
-    x, *_, delta, zero_point = ctx.saved_tensors
-    q = ctx.q
-    return triton_kernels.lsq_backward(x, grad_output, delta, zero_point, q.axis, q.q_min, q.q_max, sums)
-
-
 class _LSQSymmetricFunction(torch.autograd.Function):
+    """(fake-quantized x, Δ): the LSQ threshold gradient backward; Δ (not differentiable) is the step used."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, q: SymmetricGrid, grad_scale: float):
-        delta, zero_point = q.grid()
-        ctx.save_for_backward(x, threshold, delta, zero_point)
         ctx.q, ctx.grad_scale, ctx.eager, ctx.triton = q, grad_scale, eager(), _use_triton(x, q)
-        return _forward(ctx, x, delta, zero_point, q)
+        # Δ never receives a gradient: no zero tensor is made for it.
+        ctx.set_materialize_grads(False)
+        if ctx.triton:
+            # The kernels compute the grid from the threshold themselves, forward and backward.
+            ctx.save_for_backward(x, threshold)
+            out, _, delta = triton_kernels.fake_quantize(x, q.kernel_grid(threshold), q.axis, q.q_min, q.q_max,
+                                                         with_step=True)
+        else:
+            delta, zero_point = q.grid()
+            ctx.save_for_backward(x, threshold, delta, zero_point)
+            out = q.fake_quantize(x, delta, zero_point)
+        ctx.mark_non_differentiable(delta)
+        return out, delta
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
-        x, threshold, delta, zero_point = ctx.saved_tensors
+    def backward(ctx: Any, grad_output: torch.Tensor | None, _: Any):
+        if grad_output is None:
+            return None, None, None, None
         q = ctx.q
+        needs_threshold = ctx.needs_input_grad[1]
+        grad_threshold = None
         if ctx.triton:
-            grad_x, sums = _triton_backward(ctx, grad_output, ctx.needs_input_grad[1])
-            grad_threshold = None
-            if sums is not None:
-                error_sum, clipped_sum, _ = sums
-                grad = (error_sum + clipped_sum).reshape(threshold.shape).to(threshold.dtype) * (
-                    ctx.grad_scale / q.steps)
-                grad_threshold = grad * (threshold >= q.params.min_threshold)
+            x, threshold = ctx.saved_tensors
+            grid = q.kernel_grid(threshold)
+            grad_x, partials = triton_kernels.lsq_backward(x, grad_output, grid, q.axis, q.q_min, q.q_max,
+                                                           needs_threshold)
+            if needs_threshold:
+                grad, _ = triton_kernels.lsq_parameter_grads(partials, grid, ctx.grad_scale / q.steps, q.steps)
+                grad_threshold = grad.to(threshold.dtype)
             return grad_x if ctx.needs_input_grad[0] else None, grad_threshold, None, None
+        x, threshold, delta, zero_point = ctx.saved_tensors
         low, high = q.bounds(delta, zero_point)
         grad_x = ste_input_grad(grad_output, x, low, high, ctx.eager)
-        grad_threshold = None
-        if ctx.needs_input_grad[1]:
+        if needs_threshold:
             c, error = _steps(x.float(), delta, zero_point, q)
             g = grad_output.float()
             # ∂Q/∂Δ = e inside and the clipping level c outside, where the straight-through gradient is 0.
@@ -106,41 +109,53 @@ class _LSQSymmetricFunction(torch.autograd.Function):
 
 
 class _LSQUniformFunction(torch.autograd.Function):
+    """(fake-quantized x, Δ): the LSQ range gradients backward; Δ (not differentiable) is the step used."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, range_min: torch.Tensor, range_max: torch.Tensor, q: UniformGrid,
                 grad_scale: float):
-        delta, zero_point = q.grid()
-        ctx.save_for_backward(x, range_min, range_max, delta, zero_point)
         ctx.q, ctx.grad_scale, ctx.eager, ctx.triton = q, grad_scale, eager(), _use_triton(x, q)
-        return _forward(ctx, x, delta, zero_point, q)
+        ctx.set_materialize_grads(False)
+        if ctx.triton:
+            ctx.save_for_backward(x, range_min, range_max)
+            out, _, delta = triton_kernels.fake_quantize(x, q.kernel_grid(range_min, range_max), q.axis, q.q_min,
+                                                         q.q_max, with_step=True)
+        else:
+            delta, zero_point = q.grid()
+            ctx.save_for_backward(x, range_min, range_max, delta, zero_point)
+            out = q.fake_quantize(x, delta, zero_point)
+        ctx.mark_non_differentiable(delta)
+        return out, delta
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
-        x, range_min, range_max, delta, zero_point = ctx.saved_tensors
+    def backward(ctx: Any, grad_output: torch.Tensor | None, _: Any):
+        if grad_output is None:
+            return None, None, None, None, None
         q = ctx.q
         needs_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        if ctx.triton:
-            grad_x, sums = _triton_backward(ctx, grad_output, needs_range)
-        else:
-            low, high = q.bounds(delta, zero_point)
-            grad_x = ste_input_grad(grad_output, x, low, high, ctx.eager)
         grad_min = grad_max = None
+        if ctx.triton:
+            x, range_min, range_max = ctx.saved_tensors
+            grid = q.kernel_grid(range_min, range_max)
+            grad_x, partials = triton_kernels.lsq_backward(x, grad_output, grid, q.axis, q.q_min, q.q_max,
+                                                           needs_range)
+            if needs_range:
+                grad_min, grad_max = triton_kernels.lsq_parameter_grads(partials, grid, ctx.grad_scale, q.q_max)
+                grad_min, grad_max = grad_min.to(range_min.dtype), grad_max.to(range_max.dtype)
+            return grad_x if ctx.needs_input_grad[0] else None, grad_min, grad_max, None, None
+        x, range_min, range_max, delta, zero_point = ctx.saved_tensors
+        low, high = q.bounds(delta, zero_point)
+        grad_x = ste_input_grad(grad_output, x, low, high, ctx.eager)
         if needs_range:
             levels = q.q_max
-            if ctx.triton:
-                error_sum, clipped_sum, outside_sum = sums
-                above = clipped_sum / levels
-                below = outside_sum - above
-                rounding = error_sum / levels
-            else:
-                c, error = _steps(x.float(), delta, zero_point, q)
-                g = grad_output.float()
-                outside = g - grad_x.float()  # the upstream gradient where x was clipped
-                # Clipped values sit at c = 0 (below) or c = K (above): Σ_above g = Σ outside·c / K.
-                above = _sum(outside, c, q.reduce_dims, ctx.eager) / levels
-                below = (outside.sum() if q.reduce_dims is None else outside.sum(dim=q.reduce_dims)) - above
-                # Inside, the rounding error moves the ends apart or together.
-                rounding = _sum(g, error, q.reduce_dims, ctx.eager) / levels
+            c, error = _steps(x.float(), delta, zero_point, q)
+            g = grad_output.float()
+            outside = g - grad_x.float()  # the upstream gradient where x was clipped
+            # Clipped values sit at c = 0 (below) or c = K (above): Σ_above g = Σ outside·c / K.
+            above = _sum(outside, c, q.reduce_dims, ctx.eager) / levels
+            below = (outside.sum() if q.reduce_dims is None else outside.sum(dim=q.reduce_dims)) - above
+            # Inside, the rounding error moves the ends apart or together.
+            rounding = _sum(g, error, q.reduce_dims, ctx.eager) / levels
             scale = ctx.grad_scale
             grad_min = ((below - rounding) * scale).reshape(range_min.shape).to(range_min.dtype)
             grad_max = ((above + rounding) * scale).reshape(range_max.shape).to(range_max.dtype)
@@ -160,25 +175,29 @@ class _LSQ:
         # Activations: N is the number of features of one sample (the paper's N_F), read off the static shape.
         return lsq_grad_scale(max(math.prod(inputs.shape[1:]), 1), self.q_max)
 
+    def _train(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, inputs: torch.Tensor, training: bool) -> torch.Tensor:
+        """Fake-quantize `inputs`; in training the parameters receive the LSQ gradients."""
+        if training:
+            out, delta = self._train(inputs)
+        else:
+            delta, zero_point = self.grid()
+            out = self.fake_quantize(inputs, delta, zero_point)
+        # The layer `out` goes to reads its step back (`step_for`) instead of computing the grid again.
+        self.keep_step(out, delta)
+        return out
+
 
 class _LSQSymmetric(_LSQ, SymmetricGrid):
-    def __call__(self, inputs: torch.Tensor, training: bool) -> torch.Tensor:
-        """Fake-quantize `inputs`; in training the threshold receives the LSQ gradient."""
-        if training:
-            return _LSQSymmetricFunction.apply(inputs, self.threshold, self, self._grad_scale(inputs))
-        delta, zero_point = self.grid()
-        return self.fake_quantize(inputs, delta, zero_point)
+    def _train(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _LSQSymmetricFunction.apply(inputs, self.threshold, self, self._grad_scale(inputs))
 
 
 class _LSQUniform(_LSQ, UniformGrid):
-    def __call__(self, inputs: torch.Tensor, training: bool) -> torch.Tensor:
-        """Fake-quantize `inputs`; in training the range ends receive the LSQ gradient."""
-        if training:
-            return _LSQUniformFunction.apply(
-                inputs, self.range_min, self.range_max, self, self._grad_scale(inputs)
-            )
-        delta, zero_point = self.grid()
-        return self.fake_quantize(inputs, delta, zero_point)
+    def _train(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _LSQUniformFunction.apply(inputs, self.range_min, self.range_max, self, self._grad_scale(inputs))
 
 
 @mark_quantizer(QuantizationTarget.Weights, _SYMMETRIC_METHODS, TrainingMethod.LSQ)

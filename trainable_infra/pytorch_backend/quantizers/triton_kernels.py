@@ -24,6 +24,7 @@ on CPU tensors, which is how the tests check the CUDA code without a GPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import warnings
@@ -123,106 +124,194 @@ def _interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernels. Program (b, c) handles elements b·BLOCK ... of channel c (per-tensor: the one channel). With s the
-# axis' stride and C its size, the j-th element of channel c in memory order is at flat memory index
-# (j // s)·C·s + c·s + j % s, which holds for any dense non-overlapping layout (contiguous, channels-last).
+# Kernels. Program (b, c) of `_pass_kernel` handles elements b·BLOCK ... of channel c (per-tensor: the one
+# channel). With s the axis' stride and C its size, the j-th element of channel c in memory order is at flat
+# memory index (j // s)·C·s + c·s + j % s, which holds for any dense non-overlapping layout (contiguous,
+# channels-last).
 # ---------------------------------------------------------------------------------------------------------------
 
+# Where the pass kernel takes channel c's (Δ, z) from (its constexpr GRID): given vectors, or the quantizer's
+# parameters, from which it computes them as `grid.py` does, in the same IEEE operations.
+GIVEN, SYMMETRIC, POWER_OF_TWO, UNIFORM = 0, 1, 2, 3
+# Under the interpreter (EMULATE), which has no libdevice, adding and subtracting 1.5·2^23 = 12582912 rounds
+# |y| < 2^22 half-to-even exactly in float32 (numpy, no fused multiply-add), as libdevice.rint (cvt.rni) does on
+# the GPU.
 
-def _forward_kernel(x_ptr, delta_ptr, zero_point_ptr, out_ptr, mask_ptr, per_channel, stride, channels, q_min, q_max,
-                    BLOCK: tl.constexpr, STRIDED: tl.constexpr, WIDE: tl.constexpr, WRITE_MASK: tl.constexpr,
-                    EMULATE: tl.constexpr):
+
+def _pass_kernel(x_ptr, grad_ptr, first_ptr, second_ptr, out_ptr, aux_ptr, step_ptr, per_channel, stride, channels,
+                 blocks, q_min, q_max, min_threshold, divisor, BLOCK: tl.constexpr, STRIDED: tl.constexpr,
+                 WIDE: tl.constexpr, GRID: tl.constexpr, BACKWARD: tl.constexpr, AUX: tl.constexpr,
+                 STEP_OUT: tl.constexpr, EMULATE: tl.constexpr):
+    # Forward: out = fake-quantized x, aux = the straight-through mask, step = Δ. Backward: out = the masked
+    # gradient, aux = the per-block LSQ sums.
     c = tl.program_id(1)
     b = tl.program_id(0)
     if WIDE:
         c = c.to(tl.int64)
         b = b.to(tl.int64)
+    if GRID == 0:
+        delta = tl.load(first_ptr + c).to(tl.float32)
+        z = tl.load(second_ptr + c).to(tl.float32)
+    elif GRID == 3:
+        # UniformGrid: the range widened to contain 0 and to min_threshold, Δ = (b - a)/K, z = clip(round(-a/Δ)).
+        # Comparisons and selects keep NaN as torch's clamp and maximum do.
+        range_min = tl.load(first_ptr + c).to(tl.float32)
+        range_max = tl.load(second_ptr + c).to(tl.float32)
+        low = tl.where(range_min > 0.0, 0.0, range_min)
+        high = tl.where(range_max < 0.0, 0.0, range_max)
+        least = low + min_threshold
+        high = tl.where((high >= least) | (high != high), high, least)
+        delta = tl.math.div_rn(high - low, divisor)
+        z = tl.math.div_rn(-low, delta)
+        if EMULATE:
+            z = (z + 12582912.0) - 12582912.0
+        else:
+            z = libdevice.rint(z)
+        z = tl.where(z < 0.0, 0.0, z)
+        z = tl.where(z > q_max, q_max, z)
+    else:
+        # SymmetricGrid: Δ = max(t, min_threshold) / 2^(n-s), the threshold rounded up to a power of two first
+        # for POWER_OF_TWO (exactly: the next exponent, or t itself when it is one; Inf and NaN give NaN as
+        # t / frexp(t).mantissa does; `kernel_grid` keeps min_threshold normal, so no t is subnormal).
+        threshold = tl.load(first_ptr + c).to(tl.float32)
+        threshold = tl.where(threshold < min_threshold, min_threshold, threshold)
+        if GRID == 2:
+            bits = threshold.to(tl.uint32, bitcast=True)
+            exponent = (bits >> 23) & 0xFF
+            up = ((exponent + 1) << 23).to(tl.float32, bitcast=True)
+            rounded = tl.where((bits & 0x7FFFFF) == 0, threshold, up)
+            threshold = tl.where(exponent == 0xFF, threshold - threshold, rounded)
+        delta = tl.math.div_rn(threshold, divisor)
+        z = 0.0
+    if STEP_OUT:
+        tl.store(step_ptr + c, delta, mask=b == 0)
     j = b * BLOCK + tl.arange(0, BLOCK)
     if STRIDED:
         index = (j // stride) * channels * stride + c * stride + j % stride
     else:
         index = c * per_channel + j
     valid = j < per_channel
-    delta = tl.load(delta_ptr + c)
-    z = tl.load(zero_point_ptr + c).to(tl.float32)
-    inv = tl.math.div_rn(1.0, delta)  # torch's kernels compute 1.0f / scale, correctly rounded
     x = tl.load(x_ptr + index, mask=valid, other=0.0).to(tl.float32)
-    # Clamped before rounding, which keeps |y| < 2^22 for the emulated rounding and changes no clipped result.
-    # Comparisons and selects, not minimum/maximum, so that NaN stays NaN as torch.clamp keeps it.
-    y = x * inv
-    y_low = q_min - z - 1.0
-    y_high = q_max - z + 1.0
-    y = tl.where(y < y_low, y_low, y)
-    y = tl.where(y > y_high, y_high, y)
-    if EMULATE:
-        # The interpreter has no libdevice. Adding and subtracting 1.5·2^23 rounds half-to-even exactly in
-        # float32 (numpy, no fused multiply-add), as libdevice.rint (cvt.rni) does on the GPU.
-        k = (y + 12582912.0) - 12582912.0 + z
-    else:
-        k = libdevice.rint(y) + z
-    k = tl.where(k < q_min, q_min, k)
-    k = tl.where(k > q_max, q_max, k)
-    out = (k - z) * delta
-    if EMULATE:
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            # The interpreter's float32 -> bfloat16 cast does not round to nearest even as the GPU's does.
-            bits = out.to(tl.uint32, bitcast=True)
-            bits = bits + (0x7FFF + ((bits >> 16) & 1))
-            out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    tl.store(out_ptr + index, out.to(out_ptr.dtype.element_ty), mask=valid)
-    if WRITE_MASK:
-        low = (q_min - z) * delta
-        high = (q_max - z) * delta
-        tl.store(mask_ptr + index, (x >= low) & (x <= high), mask=valid)
-
-
-def _backward_kernel(x_ptr, grad_ptr, delta_ptr, zero_point_ptr, grad_x_ptr, partial_ptr, per_channel, stride,
-                     channels, blocks, q_min, q_max, BLOCK: tl.constexpr, STRIDED: tl.constexpr, WIDE: tl.constexpr,
-                     SUMS: tl.constexpr, EMULATE: tl.constexpr):
-    c = tl.program_id(1)
-    b = tl.program_id(0)
-    if WIDE:
-        c = c.to(tl.int64)
-        b = b.to(tl.int64)
-    j = b * BLOCK + tl.arange(0, BLOCK)
-    if STRIDED:
-        index = (j // stride) * channels * stride + c * stride + j % stride
-    else:
-        index = c * per_channel + j
-    valid = j < per_channel
-    delta = tl.load(delta_ptr + c)
-    z = tl.load(zero_point_ptr + c).to(tl.float32)
+    inv = tl.math.div_rn(1.0, delta)  # torch's kernels compute 1.0f / scale, correctly rounded
+    # The straight-through range on the unrounded input, the same float32 products as `bounds()`.
     low = (q_min - z) * delta
     high = (q_max - z) * delta
-    x = tl.load(x_ptr + index, mask=valid, other=0.0).to(tl.float32)
-    grad = tl.load(grad_ptr + index, mask=valid, other=0.0)
-    grad_x = tl.where((x >= low) & (x <= high), grad, 0.0).to(grad.dtype)
-    tl.store(grad_x_ptr + index, grad_x, mask=valid)
-    if SUMS:
-        inv = tl.math.div_rn(1.0, delta)
-        # Rounded after the product, before the sum, as torch's separate kernels do (fp fusion is off at launch).
-        steps = x * inv + z
-        steps = tl.where(steps < q_min, q_min, steps)
-        steps = tl.where(steps > q_max, q_max, steps)
+    if BACKWARD:
+        grad = tl.load(grad_ptr + index, mask=valid, other=0.0)
+        grad_x = tl.where((x >= low) & (x <= high), grad, 0.0).to(grad.dtype)
+        tl.store(out_ptr + index, grad_x, mask=valid)
+        if AUX:
+            # Rounded after the product, before the sum, as torch's separate kernels do (fp fusion is off).
+            steps = x * inv + z
+            steps = tl.where(steps < q_min, q_min, steps)
+            steps = tl.where(steps > q_max, q_max, steps)
+            if EMULATE:
+                error = (steps + 12582912.0) - 12582912.0 - steps
+            else:
+                error = libdevice.rint(steps) - steps
+            g = grad.to(tl.float32)
+            outside = g - grad_x.to(tl.float32)
+            at = c * blocks + b
+            # tl.reduce with tl.sum's own combine function rather than tl.sum: the interpreter runs the kernels
+            # only through its patched builtins, and tl.sum is a jitted function of the flavour triton was
+            # imported as.
+            tl.store(aux_ptr + at, tl.reduce(g * error, 0, tl.standard._sum_combine))
+            tl.store(aux_ptr + channels * blocks + at, tl.reduce(outside * steps, 0, tl.standard._sum_combine))
+            tl.store(aux_ptr + 2 * channels * blocks + at, tl.reduce(outside, 0, tl.standard._sum_combine))
+    else:
+        # Clamped before rounding, which keeps |y| < 2^22 for the emulated rounding and changes no clipped result.
+        # Comparisons and selects, not minimum/maximum, so that NaN stays NaN as torch.clamp keeps it.
+        y = x * inv
+        y_low = q_min - z - 1.0
+        y_high = q_max - z + 1.0
+        y = tl.where(y < y_low, y_low, y)
+        y = tl.where(y > y_high, y_high, y)
         if EMULATE:
-            error = (steps + 12582912.0) - 12582912.0 - steps
+            k = (y + 12582912.0) - 12582912.0 + z
         else:
-            error = libdevice.rint(steps) - steps
-        g = grad.to(tl.float32)
-        outside = g - grad_x.to(tl.float32)
-        at = c * blocks + b
-        # tl.reduce with tl.sum's own combine function rather than tl.sum: the interpreter runs the kernels only
-        # through its patched builtins, and tl.sum is a jitted function of the flavour triton was imported as.
-        tl.store(partial_ptr + at, tl.reduce(g * error, 0, tl.standard._sum_combine))
-        tl.store(partial_ptr + channels * blocks + at, tl.reduce(outside * steps, 0, tl.standard._sum_combine))
-        tl.store(partial_ptr + 2 * channels * blocks + at, tl.reduce(outside, 0, tl.standard._sum_combine))
+            k = libdevice.rint(y) + z
+        k = tl.where(k < q_min, q_min, k)
+        k = tl.where(k > q_max, q_max, k)
+        out = (k - z) * delta
+        if EMULATE:
+            if out_ptr.dtype.element_ty == tl.bfloat16:
+                # The interpreter's float32 -> bfloat16 cast does not round to nearest even as the GPU's does.
+                bits = out.to(tl.uint32, bitcast=True)
+                bits = bits + (0x7FFF + ((bits >> 16) & 1))
+                out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        tl.store(out_ptr + index, out.to(out_ptr.dtype.element_ty), mask=valid)
+        if AUX:
+            tl.store(aux_ptr + index, (x >= low) & (x <= high), mask=valid)
 
 
-_KERNELS: dict[bool, tuple[Any, Any]] = {}
+def _finish_kernel(partial_ptr, first_ptr, second_ptr, grad_first_ptr, grad_second_ptr, channels, blocks,
+                   min_threshold, scale, levels, BLOCK: tl.constexpr, GRID: tl.constexpr):
+    # Program c: channel c's LSQ parameter gradients from the pass kernel's per-block sums, in the operations of
+    # `lsq.py`'s torch path.
+    c = tl.program_id(0)
+    # tl.full, not tl.zeros, and tl.reduce: builtins the interpreter patches (see the pass kernel).
+    errors = tl.full([BLOCK], 0.0, tl.float32)
+    clipped = tl.full([BLOCK], 0.0, tl.float32)
+    outside = tl.full([BLOCK], 0.0, tl.float32)
+    for start in range(0, blocks, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        valid = j < blocks
+        at = c * blocks + j
+        errors += tl.load(partial_ptr + at, mask=valid, other=0.0)
+        clipped += tl.load(partial_ptr + channels * blocks + at, mask=valid, other=0.0)
+        outside += tl.load(partial_ptr + 2 * channels * blocks + at, mask=valid, other=0.0)
+    error_sum = tl.reduce(errors, 0, tl.standard._sum_combine)
+    clipped_sum = tl.reduce(clipped, 0, tl.standard._sum_combine)
+    if GRID == 3:
+        outside_sum = tl.reduce(outside, 0, tl.standard._sum_combine)
+        above = tl.math.div_rn(clipped_sum, levels)
+        below = outside_sum - above
+        rounding = tl.math.div_rn(error_sum, levels)
+        range_min = tl.load(first_ptr + c).to(tl.float32)
+        range_max = tl.load(second_ptr + c).to(tl.float32)
+        # A range held at its narrowest width follows neither end; NaN compares false, as in torch.
+        low = tl.where(range_min > 0.0, 0.0, range_min)
+        high = tl.where(range_max < 0.0, 0.0, range_max)
+        wide = high >= low + min_threshold
+        moves_min = tl.where((range_min <= 0.0) & wide, 1.0, 0.0)
+        moves_max = tl.where((range_max >= 0.0) & wide, 1.0, 0.0)
+        tl.store(grad_first_ptr + c, ((below - rounding) * scale) * moves_min)
+        tl.store(grad_second_ptr + c, ((above + rounding) * scale) * moves_max)
+    else:
+        threshold = tl.load(first_ptr + c).to(tl.float32)
+        tl.store(grad_first_ptr + c,
+                 ((error_sum + clipped_sum) * scale) * tl.where(threshold >= min_threshold, 1.0, 0.0))
 
 
-def _kernels(interpret: bool) -> tuple[Any, Any]:
-    """The jitted (forward, backward) kernels, for the interpreter or for the GPU.
+def _bias_kernel(bias_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                 EMULATE: tl.constexpr):
+    # round(b / s)·s, saturated at the int32 range in float32, as `integer._QuantizeBias` computes it.
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < n
+    if PER_CHANNEL:
+        scale = tl.load(scale_ptr + i, mask=valid, other=1.0)
+    else:
+        scale = tl.load(scale_ptr)
+    q = tl.math.div_rn(tl.load(bias_ptr + i, mask=valid, other=0.0), scale)
+    if EMULATE:
+        # Adding and subtracting 2^23 (with q's sign) rounds |q| < 2^23 half-to-even; larger values are integers.
+        # rint keeps the sign of a value rounded to zero: so does q·0.
+        magic = tl.where(q < 0.0, -8388608.0, 8388608.0)
+        r = tl.where(tl.abs(q) < 8388608.0, (q + magic) - magic, q)
+        q = tl.where(r == 0.0, q * 0.0, r)
+    else:
+        q = libdevice.rint(q)
+    # torch clamps a float32 tensor at float32(INT32_MIN) = -2^31 and float32(INT32_MAX) = 2^31.
+    q = tl.where(q < -2147483648.0, -2147483648.0, q)
+    q = tl.where(q > 2147483648.0, 2147483648.0, q)
+    tl.store(out_ptr + i, q * scale, mask=valid)
+
+
+_KERNELS: dict[bool, tuple[Any, Any, Any]] = {}
+
+
+def _kernels(interpret: bool) -> tuple[Any, Any, Any]:
+    """The jitted (pass, finish, bias) kernels, for the interpreter or for the GPU.
 
     triton.jit reads TRITON_INTERPRET when it decorates: each flavour is decorated on first use with it set.
     """
@@ -230,7 +319,7 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         previous = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
         try:
-            _KERNELS[interpret] = (triton.jit(_forward_kernel), triton.jit(_backward_kernel))
+            _KERNELS[interpret] = (triton.jit(_pass_kernel), triton.jit(_finish_kernel), triton.jit(_bias_kernel))
         finally:
             if previous is None:
                 del os.environ["TRITON_INTERPRET"]
@@ -250,7 +339,7 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _layout(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, dict[str, Any], tuple[int, int]]:
-    """(x in a dense layout, the kernels' layout arguments, the grid)."""
+    """(x in a dense layout, the pass kernel's layout arguments, its launch grid)."""
     if not _dense(x):
         x = x.contiguous()
     numel = x.numel()
@@ -260,16 +349,15 @@ def _layout(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, dict[str, 
     stride = per_channel if channels == 1 else x.stride(axis)
     blocks = triton.cdiv(per_channel, BLOCK)
     meta = {
-        "per_channel": per_channel, "stride": stride, "channels": channels,
+        "per_channel": per_channel, "stride": stride, "channels": channels, "blocks": blocks,
         "STRIDED": stride * channels != numel, "WIDE": numel >= 2**31 - BLOCK,
     }
     return x, meta, (blocks, channels)
 
 
-def _launch(kernel: Any, grid: tuple[int, int], device: torch.device, *args: Any, **meta: Any) -> None:
+def _launch(kernel: Any, grid: tuple[int, ...], device: torch.device, *args: Any, **meta: Any) -> None:
     """Launch `kernel` on `device`; fp fusion off, so that x/Δ + z rounds after the product as torch's ops do."""
-    interpret = _interpreting()
-    meta = dict(meta, BLOCK=BLOCK, EMULATE=interpret, num_warps=4, enable_fp_fusion=False)
+    meta = dict(meta, num_warps=4, enable_fp_fusion=False)
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
             kernel[grid](*args, **meta)
@@ -277,60 +365,118 @@ def _launch(kernel: Any, grid: tuple[int, int], device: torch.device, *args: Any
         kernel[grid](*args, **meta)
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelGrid:
+    """Where the kernels take the grid (Δ, z) from: given C-length vectors, or a quantizer's parameters.
+
+    Built by `KernelGrid.given(delta, zero_point)`, or by a quantizer's `kernel_grid()` from its threshold / range,
+    which the kernels turn into (Δ, z) per channel with `grid.py`'s operations: no small torch kernels per call.
+    """
+
+    kind: int
+    first: torch.Tensor  # Δ, the threshold, or range_min
+    second: torch.Tensor  # the zero point, the threshold again, or range_max
+    min_threshold: float = 0.0
+    divisor: float = 1.0  # 2^(n - s) (symmetric), K = 2^n - 1 (uniform)
+
+    @classmethod
+    def given(cls, delta: torch.Tensor, zero_point: torch.Tensor) -> KernelGrid:
+        """Δ (float32) and the zero point (int32), C-length."""
+        return cls(GIVEN, delta.float().contiguous(), zero_point.to(torch.int32).contiguous())
+
+    def _arguments(self) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        return self.first, self.second, float(self.min_threshold), float(self.divisor)
+
+
 def supported(x: torch.Tensor, axis: int | None) -> bool:
     """Whether the kernels take `x` quantized along `axis` (None: per-tensor)."""
     return axis is None or x.shape[axis] <= MAX_CHANNELS
 
 
-def fake_quantize(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, axis: int | None, q_min: int,
-                  q_max: int, with_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fake-quantize `x` in one kernel; with `with_mask`, also the straight-through mask (bool, x's layout).
+def fake_quantize(x: torch.Tensor, grid: KernelGrid, axis: int | None, q_min: int, q_max: int,
+                  with_mask: bool = False, with_step: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Fake-quantize `x` in one kernel; optionally also the straight-through mask and the step Δ it used.
 
     Args:
         x: float32 / float16 / bfloat16 input, computed in float32 and returned in its dtype.
-        delta, zero_point: C-length float32 / int32 grid (C = 1 per-tensor).
+        grid: the grid (`KernelGrid`), C channels (C = 1 per-tensor).
         axis: the channel axis, or None for per-tensor.
         q_min, q_max: the integer range.
-        with_mask: whether to return where Δ·(q_min - z) <= x <= Δ·(q_max - z).
+        with_mask: whether to return where Δ·(q_min - z) <= x <= Δ·(q_max - z) (bool, x's layout).
+        with_step: whether to return Δ (float32, C-length), as `grid()` computes it.
 
     Returns:
-        (output, mask or None).
+        (output, mask or None, Δ or None).
     """
-    x, meta, grid = _layout(x, axis)
+    x, meta, launch_grid = _layout(x, axis)
     out = torch.empty_like(x)
     mask = torch.empty_like(x, dtype=torch.bool) if with_mask else out
-    forward, _ = _kernels(_interpreting())
-    _launch(forward, grid, x.device, x, delta.float().contiguous(), zero_point.to(torch.int32).contiguous(), out,
-            mask, q_min=float(q_min), q_max=float(q_max), WRITE_MASK=with_mask, **meta)
-    return out, (mask if with_mask else None)
+    step = torch.empty(meta["channels"], dtype=torch.float32, device=x.device) if with_step else out
+    interpret = _interpreting()
+    first, second, min_threshold, divisor = grid._arguments()
+    _launch(_kernels(interpret)[0], launch_grid, x.device, x, x, first, second, out, mask, step,
+            q_min=float(q_min), q_max=float(q_max), min_threshold=min_threshold, divisor=divisor, BLOCK=BLOCK,
+            GRID=grid.kind, BACKWARD=False, AUX=with_mask, STEP_OUT=with_step, EMULATE=interpret, **meta)
+    return out, (mask if with_mask else None), (step if with_step else None)
 
 
-def lsq_backward(x: torch.Tensor, grad: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor,
-                 axis: int | None, q_min: int, q_max: int, sums: bool
-                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-    """The straight-through input gradient and, with `sums`, LSQ's three C-length sums, in one pass over x.
+def lsq_backward(x: torch.Tensor, grad: torch.Tensor, grid: KernelGrid, axis: int | None, q_min: int, q_max: int,
+                 sums: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The straight-through input gradient and, with `sums`, the per-block partial LSQ sums, in one pass over x.
 
-    The sums, with c = clip(x/Δ + z, q_min, q_max), e = round(c) - c and g the upstream gradient in float32, are
-    (Σ g·e, Σ (g - grad_x)·c, Σ (g - grad_x)) per channel. Each block adds its elements, then one torch
-    reduction adds the blocks: the same terms as `lsq.py`'s torch path in another order, so equal up to float32
-    rounding.
+    With c = clip(x/Δ + z, q_min, q_max), e = round(c) - c and g the upstream gradient in float32, the partials
+    are (Σ g·e, Σ (g - grad_x)·c, Σ (g - grad_x)) per channel and block, a float32 tensor (3, C, blocks) that
+    `lsq_parameter_grads` finishes (or `.sum(dim=2)` adds up).
 
     Returns:
-        (grad_x in grad's dtype and x's layout, the three sums as float32 C-length vectors, or None).
+        (grad_x in grad's dtype and x's layout, the partial sums or None).
     """
-    x, meta, grid = _layout(x, axis)
+    x, meta, launch_grid = _layout(x, axis)
     if grad.shape != x.shape or grad.stride() != x.stride():
         grad = torch.empty_like(x, dtype=grad.dtype).copy_(grad)  # the kernel walks both in x's memory order
     grad_x = torch.empty_like(grad)
-    blocks, channels = grid
+    blocks, channels = launch_grid
     partials = torch.empty((3, channels, blocks), dtype=torch.float32, device=x.device) if sums else grad_x
-    _, backward = _kernels(_interpreting())
-    _launch(backward, grid, x.device, x, grad, delta.float().contiguous(), zero_point.to(torch.int32).contiguous(),
-            grad_x, partials, blocks=blocks, q_min=float(q_min), q_max=float(q_max), SUMS=sums, **meta)
-    if not sums:
-        return grad_x, None
-    total = partials.sum(dim=2)
-    return grad_x, (total[0], total[1], total[2])
+    interpret = _interpreting()
+    first, second, min_threshold, divisor = grid._arguments()
+    _launch(_kernels(interpret)[0], launch_grid, x.device, x, grad, first, second, grad_x, partials, grad_x,
+            q_min=float(q_min), q_max=float(q_max), min_threshold=min_threshold, divisor=divisor, BLOCK=BLOCK,
+            GRID=grid.kind, BACKWARD=True, AUX=sums, STEP_OUT=False, EMULATE=interpret, **meta)
+    return grad_x, (partials if sums else None)
+
+
+def lsq_parameter_grads(partials: torch.Tensor, grid: KernelGrid, scale: float, levels: float
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LSQ's parameter gradients from `lsq_backward`'s partial sums, in one kernel.
+
+    Symmetric / power-of-two grids: the threshold's gradient (Σ g·e + Σ (g - grad_x)·c)·scale, 0 where the
+    threshold is below min_threshold. Uniform grids: the gradients of range_min and range_max, `levels` = K.
+    `grid` is the quantizer's `kernel_grid()`; the gradients have its parameters' shapes, in float32.
+
+    Returns:
+        (threshold's or range_min's gradient, range_max's gradient or None).
+    """
+    _, channels, blocks = partials.shape
+    first, second, min_threshold, _ = grid._arguments()
+    grad_first = torch.empty(first.shape, dtype=torch.float32, device=first.device)
+    grad_second = torch.empty(second.shape, dtype=torch.float32, device=second.device) if grid.kind == UNIFORM \
+        else grad_first
+    _launch(_kernels(_interpreting())[1], (channels,), partials.device, partials, first, second, grad_first,
+            grad_second, channels, blocks, min_threshold, float(scale), float(levels), BLOCK=BLOCK, GRID=grid.kind)
+    return grad_first, (grad_second if grid.kind == UNIFORM else None)
+
+
+def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(bias / scale)·scale in one kernel, saturated at the int32 range (float32 bias; C- or 1-element scale)."""
+    bias = bias.contiguous()
+    scale = scale.contiguous()
+    out = torch.empty_like(bias)
+    n = bias.numel()
+    interpret = _interpreting()
+    _launch(_kernels(interpret)[2], (triton.cdiv(n, BLOCK),), bias.device, bias, scale, out, n, BLOCK=BLOCK,
+            PER_CHANNEL=scale.numel() != 1, EMULATE=interpret)
+    return out
 
 
 def ste_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -339,6 +485,6 @@ def ste_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "ENV", "MODES", "applies", "available", "fake_quantize", "force_interpreter", "lsq_backward", "mode",
-    "ste_backward", "supported", "triton_mode",
+    "ENV", "MODES", "KernelGrid", "applies", "available", "fake_quantize", "force_interpreter", "lsq_backward",
+    "lsq_parameter_grads", "mode", "quantize_bias", "ste_backward", "supported", "triton_mode",
 ]
