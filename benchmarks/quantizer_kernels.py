@@ -120,6 +120,8 @@ def count_kernels(device: str) -> None:
             x = x0.clone().requires_grad_()
             quantizer(x, True).backward(grad)  # warm up (compile the kernels)
             x.grad = None
+            for parameter in layer.parameters():
+                parameter.grad = None  # counted: the gradients' kernels, not their accumulation into .grad
             holder = {}
             forward, forward_names = _count(lambda q=quantizer, x=x, h=holder: h.update(out=q(x, True)), device)
             backward, backward_names = _count(lambda h=holder: h["out"].backward(grad), device)

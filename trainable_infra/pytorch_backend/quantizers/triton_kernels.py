@@ -1,11 +1,15 @@
-"""Triton kernels for the CUDA fast path: one kernel per quantizer forward, one per LSQ backward.
+"""Triton kernels for the CUDA fast path: one kernel per quantizer forward, two per LSQ backward, one per bias.
 
-The forward kernel computes exactly what torch's fused CUDA kernel computes, in float32 whatever the input dtype:
-`(clip(nearbyint(x · (1/Δ)) + z, q_min, q_max) - z) · Δ`, and beside it the 1-byte straight-through mask
+The pass kernel's forward computes exactly what torch's fused CUDA kernel computes, in float32 whatever the input
+dtype: `(clip(nearbyint(x · (1/Δ)) + z, q_min, q_max) - z) · Δ`, and beside it the 1-byte straight-through mask
 `Δ·(q_min - z) <= x <= Δ·(q_max - z)` on the *unrounded* input (DESIGN.md §4), so that the STE backward is one
-select and `x` need not be kept. The LSQ backward kernel writes the masked input gradient and, per block (and
-per channel), the partial sums that `lsq.py` reduces: Σ g·e, Σ (g - grad_x)·c and Σ (g - grad_x) with
-c = clip(x/Δ + z, q_min, q_max) and e = round(c) - c; one torch reduction of the partials follows.
+select and `x` need not be kept. Its backward writes the masked input gradient and, per block (and per channel),
+the partial sums of LSQ's gradients: Σ g·e, Σ (g - grad_x)·c and Σ (g - grad_x) with c = clip(x/Δ + z, q_min,
+q_max) and e = round(c) - c; the finish kernel adds them up and applies `lsq.py`'s parameter maths.
+
+The grid (Δ, z) is handed over (`KernelGrid.given`, the STE quantizers' kept grid) or computed by the kernel from
+the quantizer's threshold or range (`kernel_grid()`, LSQ), with `grid.py`'s IEEE operations: a trained grid
+costs no small torch kernels per call. The bias kernel rounds a layer's bias onto its int32 grid.
 
 Outputs and input gradients are bit-identical to the torch path (fused CUDA kernels / the written-out CPU ops),
 except for NaN inputs, which give NaN here as on the CPU path (torch's fused kernels turn them into the low
