@@ -519,9 +519,11 @@ def test_the_int32_bias_passes_no_gradient_to_the_steps():
     from trainable_infra.pytorch_backend.integer import quantize_bias as torch_quantize_bias
 
     bias = torch.tensor([0.5, -0.25], requires_grad=True)
-    scale = torch.tensor([0.001, 0.003], requires_grad=True)
-    torch_quantize_bias(bias, scale).sum().backward()
-    assert scale.grad is None
+    x_step = torch.tensor([0.01], requires_grad=True)
+    w_step = torch.tensor([0.1, 0.3], requires_grad=True)
+    torch_quantize_bias(bias, x_step, w_step).sum().backward()
+    assert x_step.grad is None
+    assert w_step.grad is None
     assert torch.equal(bias.grad, torch.ones(2))
 
 

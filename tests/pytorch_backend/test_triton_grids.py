@@ -160,19 +160,23 @@ def test_power_of_two_below_normal_min_threshold_is_handed_the_grid():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bias_kernel_matches_the_torch_rounding(device):
-    """Ties, values rounding to ±0, saturation at the int32 range, NaN; per-channel and per-tensor scale."""
+    """Exact ties (power-of-two steps), values rounding to ±0, saturation at the int32 range, NaN; per-channel and
+    per-tensor weight steps."""
     rng = np.random.default_rng(0)
-    scale = rng.uniform(1e-4, 1e-2, 64).astype(F32)
-    ties = (np.arange(-32, 32) + 0.5).astype(F32) * scale
-    bias = np.concatenate([ties, rng.normal(size=64).astype(F32), (-0.3 * scale).astype(F32),
+    x_step = torch.tensor([2.0**-4], device=device)
+    w_exact = (2.0 ** -rng.integers(3, 12, 64)).astype(F32)
+    ties = (np.arange(-32, 32) + 0.5).astype(F32) * w_exact * F32(2.0**-4)
+    bias = np.concatenate([ties, rng.normal(size=64).astype(F32), -0.3 * w_exact * F32(2.0**-4),
                            np.array([0.0, -0.0, 3e38, -3e38, 1e7, -1e7, 2.0**31, np.inf, -np.inf, np.nan], F32)])
+    w_steps = np.concatenate([w_exact, rng.uniform(1e-4, 1e-2, 64).astype(F32), w_exact,
+                              rng.uniform(1e-4, 1e-2, 10).astype(F32)])
     bias_t = torch.from_numpy(bias).to(device)
-    for s in (torch.from_numpy(np.resize(scale, bias.size)), torch.tensor([3e-3])):
-        s = s.to(device)
+    for w_step in (torch.from_numpy(w_steps), torch.tensor([3e-3])):
+        w_step = w_step.to(device)
         with triton_kernels.triton_mode("off"):
-            expected = quantize_bias(bias_t.cpu(), s.cpu())
+            expected = quantize_bias(bias_t.cpu(), x_step.cpu(), w_step.cpu())
         with _triton(device), mock.patch.object(triton_kernels, "_launch", wraps=triton_kernels._launch) as launch:
-            actual = quantize_bias(bias_t, s)
+            actual = quantize_bias(bias_t, x_step, w_step)
         assert launch.call_count == 1
         same = _same_bits(actual.cpu(), expected)
         assert bool(same.all()), f"{int((~same).sum())} differ: {actual.cpu()[~same]} vs {expected[~same]}"
@@ -290,3 +294,14 @@ def test_ste_quantizer_hands_its_kept_grid_to_the_kernel():
     launched, ops = _kernels_of(lambda: quantizer(x, True).sum().backward())
     assert launched == ["_pass_kernel"]
     assert not {"div", "clamp_min", "mul", "zeros_like"} & set(ops), ops
+
+
+def test_compiled_lsq_model_with_kept_steps_is_one_graph():
+    """Steps kept by eager calls are not read in a traced graph (the grid is computed there): fullgraph holds."""
+    model = _lsq_model().train()
+    x = torch.randn(4, 3, 8, 8)
+    eager = model(x)  # every LSQ quantizer keeps a step now
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    assert torch.equal(out.detach(), eager.detach())

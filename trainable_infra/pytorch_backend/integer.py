@@ -27,27 +27,30 @@ _FLOAT32_EXACT = 2**24
 
 
 class _QuantizeBias(torch.autograd.Function):
-    """round(b / s)·s forward, the identity backward (to the bias only, never to the steps)."""
+    """round(b / s)·s with s = Δ_in·Δ_w forward, the identity backward (to the bias only, never to the steps)."""
 
     @staticmethod
-    def forward(ctx: Any, bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if (triton_kernels.applies(bias) and bias.dtype == scale.dtype == torch.float32
-                and scale.numel() in (1, bias.numel())):
-            return triton_kernels.quantize_bias(bias.detach(), scale)  # one kernel for the four below
+    def forward(ctx: Any, bias: torch.Tensor, x_step: torch.Tensor, w_step: torch.Tensor) -> torch.Tensor:
+        if (triton_kernels.applies(bias) and bias.dtype == x_step.dtype == w_step.dtype == torch.float32
+                and x_step.numel() == 1 and w_step.numel() in (1, bias.numel())):
+            return triton_kernels.quantize_bias(bias.detach(), x_step, w_step)  # one kernel for the five below
+        scale = x_step * w_step
         return torch.round(bias.detach().float() / scale).clamp_(INT32_MIN, INT32_MAX).mul_(scale).to(bias.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
 
 
-def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """round(bias / scale)·scale (ties to even, saturated at the int32 range), with a straight-through gradient.
+def quantize_bias(bias: torch.Tensor, x_step: torch.Tensor, w_step: torch.Tensor) -> torch.Tensor:
+    """round(bias / s)·s with s = Δ_in·Δ_w (ties to even, saturated at the int32 range), with a straight-through
+    gradient.
 
-    `scale` is s = Δ_in·Δ_w, a float32 vector with one value per output channel (or one value).
+    `x_step` is the input's step (one value), `w_step` the weight's, a float32 vector with one value per output
+    channel (or one value); s is their float32 product.
     """
     # One autograd node rather than q + (b - b): fewer small kernels per layer and step, the same values.
-    return _QuantizeBias.apply(bias, scale.detach())
+    return _QuantizeBias.apply(bias, x_step.detach(), w_step.detach())
 
 
 def integer_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

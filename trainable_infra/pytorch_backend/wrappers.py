@@ -243,14 +243,18 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
             for name, quantizer in self.weights_quantizers.items()
         }
         if self.input_holder is not None and len(args) == 1 and not kwargs:
-            x_step, w_step, scale = self._integer_grid(args[0], quantized["weight"])
             if not self.training and self.integer_arithmetic and args[0].dtype == torch.float32:
+                x_step, w_step, scale = self._integer_grid(args[0], quantized["weight"])
                 b_int = None if module.bias is None else integer_bias(module.bias, scale)
                 output = self.output_holder
                 return integer_forward(module, args[0], x_step, quantized["weight"], w_step, b_int, scale,
                                        self._acc_dtype, None if output is None else holder_grid(output),
                                        self._output_clip)
-            bias = None if module.bias is None else quantize_bias(module.bias, scale)
+            bias = None
+            if module.bias is not None:
+                x_step = _step_for(self.input_holder.activation_holder_quantizer, args[0])
+                w_step = _step_for(self.weights_quantizers["weight"], quantized["weight"])
+                bias = quantize_bias(module.bias, x_step, w_step)
             if self._call == _CALL_LINEAR:
                 return F.linear(args[0], quantized["weight"], bias)
             return module._conv_forward(args[0], quantized["weight"], bias)

@@ -150,7 +150,7 @@ class _Grid:
         The layer an input or a weight goes to needs the step it was quantized with (its bias grid is Δ_in·Δ_w):
         the quantizer's own pass has computed it, and a trained grid would otherwise be computed again.
         """
-        kept = self.__dict__.get("_output_step")
+        kept = None if torch.compiler.is_compiling() else self.__dict__.get("_output_step")
         if output is not None and kept is not None:
             latest = kept[0]()
             # A view of the result (flattened, sliced) holds the same grid's values.

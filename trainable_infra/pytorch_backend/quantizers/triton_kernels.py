@@ -287,15 +287,17 @@ def _finish_kernel(partial_ptr, first_ptr, second_ptr, grad_first_ptr, grad_seco
                  ((error_sum + clipped_sum) * scale) * tl.where(threshold >= min_threshold, 1.0, 0.0))
 
 
-def _bias_kernel(bias_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr,
+def _bias_kernel(bias_ptr, x_step_ptr, w_step_ptr, out_ptr, n, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr,
                  EMULATE: tl.constexpr):
-    # round(b / s)·s, saturated at the int32 range in float32, as `integer._QuantizeBias` computes it.
+    # round(b / s)·s with s = Δ_in·Δ_w, saturated at the int32 range in float32, as `integer._QuantizeBias`
+    # computes it.
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = i < n
     if PER_CHANNEL:
-        scale = tl.load(scale_ptr + i, mask=valid, other=1.0)
+        w_step = tl.load(w_step_ptr + i, mask=valid, other=1.0)
     else:
-        scale = tl.load(scale_ptr)
+        w_step = tl.load(w_step_ptr)
+    scale = tl.load(x_step_ptr) * w_step
     q = tl.math.div_rn(tl.load(bias_ptr + i, mask=valid, other=0.0), scale)
     if EMULATE:
         # Adding and subtracting 2^23 (with q's sign) rounds |q| < 2^23 half-to-even; larger values are integers.
@@ -471,15 +473,18 @@ def lsq_parameter_grads(partials: torch.Tensor, grid: KernelGrid, scale: float, 
     return grad_first, (grad_second if grid.kind == UNIFORM else None)
 
 
-def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """round(bias / scale)·scale in one kernel, saturated at the int32 range (float32 bias; C- or 1-element scale)."""
+def quantize_bias(bias: torch.Tensor, x_step: torch.Tensor, w_step: torch.Tensor) -> torch.Tensor:
+    """round(bias / s)·s with s = Δ_in·Δ_w in one kernel, saturated at the int32 range.
+
+    `bias` float32 (C), `x_step` float32 (one value), `w_step` float32 (C values or one).
+    """
     bias = bias.contiguous()
-    scale = scale.contiguous()
+    w_step = w_step.contiguous()
     out = torch.empty_like(bias)
     n = bias.numel()
     interpret = _interpreting()
-    _launch(_kernels(interpret)[2], (triton.cdiv(n, BLOCK),), bias.device, bias, scale, out, n, BLOCK=BLOCK,
-            PER_CHANNEL=scale.numel() != 1, EMULATE=interpret)
+    _launch(_kernels(interpret)[2], (triton.cdiv(n, BLOCK),), bias.device, bias, x_step, w_step, out, n,
+            BLOCK=BLOCK, PER_CHANNEL=w_step.numel() != 1, EMULATE=interpret)
     return out
 
 
