@@ -141,6 +141,27 @@ def test_torch_resumed_training_is_bit_identical(config, tmp_path):
         assert all(not torch.equal(initial[k], final[k]) for k in learned), "LSQ parameters did not train"
 
 
+def test_torch_whole_model_pickle_resumes_bit_identical(tmp_path):
+    """torch.save of the whole model and optimizer mid-training (pickled, not a state_dict), then torch.load:
+    training goes on exactly as without the interruption (traced models re-trace their code on load; what the
+    quantizers keep between calls is left out of the pickle and recomputed)."""
+    torch.manual_seed(7)
+    uninterrupted = _torch_parts(LSQ_CONFIG, seed=0)
+    _torch_train(uninterrupted, range(TORCH_STEPS), PENALTY)
+
+    torch.manual_seed(7)
+    first = _torch_parts(LSQ_CONFIG, seed=0)
+    _torch_train(first, range(TORCH_RESUME_AT), PENALTY)
+    torch.save({"parts": first, "rng": torch.get_rng_state()}, tmp_path / "whole.pt")
+    del first
+
+    checkpoint = torch.load(tmp_path / "whole.pt", weights_only=False)
+    torch.set_rng_state(checkpoint["rng"])
+    resumed = checkpoint["parts"]
+    _torch_train(resumed, range(TORCH_RESUME_AT, TORCH_STEPS), PENALTY)
+    _assert_same_torch_state(uninterrupted[0], resumed[0])
+
+
 def test_torch_resume_after_freezing_is_bit_identical(tmp_path):
     """Frozen quantizers and BatchNorm statistics stay frozen in a model rebuilt from the checkpoint.
 

@@ -34,9 +34,11 @@ def by_mode(module: nn.Module, train_value: Any, eval_value: Any) -> Any:
 class _Tracer(fx.Tracer):
     """A tracer that keeps the given modules (by qualified name) whole."""
 
-    def __init__(self, leaves: set[str]):
+    def __init__(self, leaves: set[str] | None = None):
         super().__init__()
-        self.leaves = leaves
+        # Without arguments too: unpickling a traced model (torch.load of a whole model) builds its tracer class
+        # with none, to re-trace the saved code.
+        self.leaves = set() if leaves is None else leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
@@ -57,12 +59,19 @@ def _trace_once(model: nn.Module, leaves: set[str]) -> fx.Graph:
     for _ in range(_MAX_RETRACES):
         tracer = _Tracer(leaves)
         try:
-            return tracer.trace(model)
+            graph = tracer.trace(model)
         except Exception as exc:  # torch.fx raises many kinds; each means "this code cannot be traced"
             name = _innermost(tracer.module_stack)
             if name is None or name in leaves:
                 raise UntraceableError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
             leaves.add(name)
+            continue
+        for node in graph.nodes:
+            if isinstance(node.type, str):
+                # A string annotation (`from __future__ import annotations` in the model's module) tells fx
+                # nothing, and a GraphModule holding one cannot be pickled (torch.save of the whole model).
+                node.type = None
+        return graph
     raise UntraceableError(f"more than {_MAX_RETRACES} submodules cannot be traced")
 
 

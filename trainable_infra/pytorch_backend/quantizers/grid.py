@@ -138,6 +138,14 @@ class _Grid:
         self.__dict__["_grid_cache"] = (result, variables, key)
         return result
 
+    def __getstate__(self) -> dict[str, Any]:
+        # What is kept between calls is derived state: a weak reference cannot be pickled (torch.save of a model,
+        # spawned processes), and the kept grids are recomputed on the first call after loading.
+        state = dict(self.__dict__)
+        for key in ("_output_step", "_grid_cache", "_bounds_cache"):
+            state.pop(key, None)
+        return state
+
     def keep_step(self, output: torch.Tensor, step: torch.Tensor) -> None:
         """Note that `output`, this quantizer's latest result, lies on a grid of step `step` (see `step_for`)."""
         if not torch.compiler.is_compiling():

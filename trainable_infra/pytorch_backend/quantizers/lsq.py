@@ -90,7 +90,8 @@ class _LSQSymmetricFunction(torch.autograd.Function):
             grad_x, partials = triton_kernels.lsq_backward(x, grad_output, grid, q.axis, q.q_min, q.q_max,
                                                            needs_threshold)
             if needs_threshold:
-                grad, _ = triton_kernels.lsq_parameter_grads(partials, grid, ctx.grad_scale / q.steps, q.steps)
+                grad, _ = triton_kernels.lsq_parameter_grads(partials, (threshold,), q.params.min_threshold,
+                                                             ctx.grad_scale / q.steps, q.steps)
                 grad_threshold = grad.to(threshold.dtype)
             return grad_x if ctx.needs_input_grad[0] else None, grad_threshold, None, None
         x, threshold, delta, zero_point = ctx.saved_tensors
@@ -140,7 +141,8 @@ class _LSQUniformFunction(torch.autograd.Function):
             grad_x, partials = triton_kernels.lsq_backward(x, grad_output, grid, q.axis, q.q_min, q.q_max,
                                                            needs_range)
             if needs_range:
-                grad_min, grad_max = triton_kernels.lsq_parameter_grads(partials, grid, ctx.grad_scale, q.q_max)
+                grad_min, grad_max = triton_kernels.lsq_parameter_grads(
+                    partials, (range_min, range_max), q.params.min_threshold, ctx.grad_scale, q.q_max)
                 grad_min, grad_max = grad_min.to(range_min.dtype), grad_max.to(range_max.dtype)
             return grad_x if ctx.needs_input_grad[0] else None, grad_min, grad_max, None, None
         x, range_min, range_max, delta, zero_point = ctx.saved_tensors

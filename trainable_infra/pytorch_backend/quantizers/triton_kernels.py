@@ -209,6 +209,8 @@ def _pass_kernel(x_ptr, grad_ptr, first_ptr, second_ptr, out_ptr, aux_ptr, step_
             steps = x * inv + z
             steps = tl.where(steps < q_min, q_min, steps)
             steps = tl.where(steps > q_max, q_max, steps)
+            # Lanes past the end add nothing, even where 1/Δ overflows (a subnormal Δ: 0·Inf would be NaN).
+            steps = tl.where(valid, steps, 0.0)
             if EMULATE:
                 error = (steps + 12582912.0) - 12582912.0 - steps
             else:
@@ -452,25 +454,27 @@ def lsq_backward(x: torch.Tensor, grad: torch.Tensor, grid: KernelGrid, axis: in
     return grad_x, (partials if sums else None)
 
 
-def lsq_parameter_grads(partials: torch.Tensor, grid: KernelGrid, scale: float, levels: float
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def lsq_parameter_grads(partials: torch.Tensor, parameters: tuple[torch.Tensor, ...], min_threshold: float,
+                        scale: float, levels: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LSQ's parameter gradients from `lsq_backward`'s partial sums, in one kernel.
 
-    Symmetric / power-of-two grids: the threshold's gradient (Σ g·e + Σ (g - grad_x)·c)·scale, 0 where the
-    threshold is below min_threshold. Uniform grids: the gradients of range_min and range_max, `levels` = K.
-    `grid` is the quantizer's `kernel_grid()`; the gradients have its parameters' shapes, in float32.
+    `parameters` is (threshold,) for symmetric / power-of-two grids: its gradient is (Σ g·e + Σ (g - grad_x)·c)
+    ·scale, 0 where the threshold is below `min_threshold`. For uniform grids it is (range_min, range_max), with
+    `levels` = K. The parameters are read as the forward pass saw them; the gradients have their shapes, in float32.
 
     Returns:
         (threshold's or range_min's gradient, range_max's gradient or None).
     """
     _, channels, blocks = partials.shape
-    first, second, min_threshold, _ = grid._arguments()
+    uniform = len(parameters) == 2
+    first = parameters[0].detach().contiguous()
+    second = parameters[-1].detach().contiguous()
     grad_first = torch.empty(first.shape, dtype=torch.float32, device=first.device)
-    grad_second = torch.empty(second.shape, dtype=torch.float32, device=second.device) if grid.kind == UNIFORM \
-        else grad_first
+    grad_second = torch.empty(second.shape, dtype=torch.float32, device=second.device) if uniform else grad_first
     _launch(_kernels(_interpreting())[1], (channels,), partials.device, partials, first, second, grad_first,
-            grad_second, channels, blocks, min_threshold, float(scale), float(levels), BLOCK=BLOCK, GRID=grid.kind)
-    return grad_first, (grad_second if grid.kind == UNIFORM else None)
+            grad_second, channels, blocks, float(min_threshold), float(scale), float(levels), BLOCK=BLOCK,
+            GRID=UNIFORM if uniform else SYMMETRIC)
+    return grad_first, (grad_second if uniform else None)
 
 
 def quantize_bias(bias: torch.Tensor, x_step: torch.Tensor, w_step: torch.Tensor) -> torch.Tensor:
