@@ -16,12 +16,12 @@ import argparse
 import collections
 import sys
 from pathlib import Path
-from unittest import mock
 
 import triton  # noqa: F401  - before TensorFlow (which mct-quantizers loads): triton's LLVM aborts after it
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
+from quantizer_kernels import interpreted_kernels
 from step_overhead import float_cnn, resnet18
 from torch import nn
 
@@ -30,37 +30,6 @@ from trainable_infra.pytorch_backend import quantize_model
 from trainable_infra.pytorch_backend.quantizers import triton_kernels
 
 MODELS = {"resnet18": resnet18, "cnn7": float_cnn}
-
-
-class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
-    """The torch ops that launch a kernel (not views, allocations or metadata)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        # scalar_tensor wraps a Python number (torch.where(mask, g, 0.0)) on the host: no kernel on CUDA.
-        if not (func.is_view or name.startswith(("empty", "detach", "alias", "lift_fresh", "scalar_tensor"))):
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def count(fn) -> list[str]:
-    """The kernels `fn` launches, by name (Triton kernels prefixed `triton:`)."""
-    launched: list[str] = []
-    original = triton_kernels._launch
-
-    def launch(kernel, *args, **kwargs):
-        launched.append(f"triton:{kernel.fn.__name__}")
-        with torch.utils._python_dispatch._disable_current_modes():
-            original(kernel, *args, **kwargs)
-
-    ops = _Ops()
-    with mock.patch.object(triton_kernels, "_launch", launch), ops:
-        fn()
-    return launched + ops.ops
 
 
 def main() -> None:
@@ -92,7 +61,7 @@ def main() -> None:
                     nn.functional.cross_entropy(model(x), y).backward()
 
                 step()  # the kernels are decorated on first use
-                forward_kernels, step_kernels = count(forward), count(step)
+                forward_kernels, step_kernels = interpreted_kernels(forward), interpreted_kernels(step)
                 print(f"{name:9s} {label:6s} {len(forward_kernels):5d} / {len(step_kernels):5d}")
                 if args.ops:
                     print("    " + ", ".join(f"{op} x{n}" for op, n in collections.Counter(step_kernels).most_common()))
