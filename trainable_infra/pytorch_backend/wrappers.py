@@ -205,15 +205,18 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
         self.__dict__["_output_holder"] = holder if usable else None
         self._output_clip = clip
 
+    def _steps(self, x: torch.Tensor | None, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Δ_in, Δ_w) in float32. `x` and `weight`, the input and the quantized weight of this call, let
+        quantizers that keep the step of their latest result (`step_for`) hand it over instead of computing their
+        grid again."""
+        return (_step_for(self.input_holder.activation_holder_quantizer, x),
+                _step_for(self.weights_quantizers["weight"], weight))
+
     def _integer_grid(self, x: torch.Tensor | None = None, weight: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Δ_in, Δ_w, s = Δ_in·Δ_w): the input's step, the weight's steps and the bias grid, in float32.
-
-        `x` and `weight`, the input and the quantized weight of this call, let quantizers that keep the step of
-        their latest result (`step_for`) hand it over instead of computing their grid again.
-        """
-        x_step = _step_for(self.input_holder.activation_holder_quantizer, x)
-        w_step = _step_for(self.weights_quantizers["weight"], weight)
+        """(Δ_in, Δ_w, s = Δ_in·Δ_w): the input's step, the weight's steps and the bias grid, in float32
+        (`_steps` says what `x` and `weight` are for)."""
+        x_step, w_step = self._steps(x, weight)
         # Eagerly the steps are the quantizers' kept tensors while their parameters are unchanged, and so is s.
         cached = self.__dict__.get("_scale_cache")
         if cached is not None and cached[0] is x_step and cached[1] is w_step:
@@ -252,9 +255,7 @@ class PytorchTrainableQuantizationWrapper(nn.Module):
                                        self._output_clip)
             bias = None
             if module.bias is not None:
-                x_step = _step_for(self.input_holder.activation_holder_quantizer, args[0])
-                w_step = _step_for(self.weights_quantizers["weight"], quantized["weight"])
-                bias = quantize_bias(module.bias, x_step, w_step)
+                bias = quantize_bias(module.bias, *self._steps(args[0], quantized["weight"]))
             if self._call == _CALL_LINEAR:
                 return F.linear(args[0], quantized["weight"], bias)
             return module._conv_forward(args[0], quantized["weight"], bias)
