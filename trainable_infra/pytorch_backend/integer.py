@@ -21,6 +21,7 @@ from torch import nn
 
 from trainable_infra.common.integer import INT32_MAX, INT32_MIN
 from trainable_infra.pytorch_backend.quantizers import triton_kernels
+from trainable_infra.pytorch_backend.quantizers.fake_quant import divide
 
 # Below 2^24 every integer is a float32 and so is every partial sum of integer products, in any order.
 _FLOAT32_EXACT = 2**24
@@ -35,7 +36,8 @@ class _QuantizeBias(torch.autograd.Function):
                 and x_step.numel() == 1 and w_step.numel() in (1, bias.numel())):
             return triton_kernels.quantize_bias(bias.detach(), x_step, w_step)  # one kernel for the five below
         scale = x_step * w_step
-        return torch.round(bias.detach().float() / scale).clamp_(INT32_MIN, INT32_MAX).mul_(scale).to(bias.dtype)
+        quotient = divide(bias.detach().float(), scale)
+        return torch.round(quotient).clamp_(INT32_MIN, INT32_MAX).mul_(scale).to(bias.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:

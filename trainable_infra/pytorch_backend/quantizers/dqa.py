@@ -21,7 +21,7 @@ from trainable_infra.pytorch_backend.base_quantizer import (
     BasePytorchActivationTrainableQuantizer,
     BasePytorchWeightTrainableQuantizer,
 )
-from trainable_infra.pytorch_backend.quantizers.fake_quant import STEFakeQuantize
+from trainable_infra.pytorch_backend.quantizers.fake_quant import STEFakeQuantize, divide
 from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, UniformGrid, register_variable
 
 _SYMMETRIC_METHODS = [QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO]
@@ -104,7 +104,7 @@ class _DQASymmetric(_DQA, SymmetricGrid):
         signed = int(self.params.signed)
         grids = []
         for bits, (q_min, q_max) in zip(self.candidate_bits, self._candidate_ranges, strict=True):
-            delta = t / float(2 ** (bits - signed))
+            delta = divide(t, float(2 ** (bits - signed)))
             d = delta.view(self.view)
             grids.append((delta, torch.zeros_like(delta, dtype=torch.int32), d * q_min, d * q_max, q_min, q_max))
         return grids
@@ -121,8 +121,8 @@ class _DQAUniform(_DQA, UniformGrid):
         low, high = self.effective_range()
         grids = []
         for q_min, q_max in self._candidate_ranges:
-            delta = (high - low) / torch.full_like(high, float(q_max))  # an IEEE quotient on CUDA too (grid.py)
-            zero_point = torch.round(-low / delta).clamp(0, q_max).to(torch.int32)
+            delta = divide(high - low, float(q_max))
+            zero_point = torch.round(divide(-low, delta)).clamp(0, q_max).to(torch.int32)
             d, z = delta.view(self.view), zero_point.view(self.view)
             grids.append((delta, zero_point, -z * d, (q_max - z) * d, q_min, q_max))
         return grids

@@ -1,12 +1,16 @@
 """Fake quantization and its straight-through gradient, on the fastest exact path of each device.
 
-On CUDA the fused kernels (`torch.fake_quantize_per_*_affine`) are the fast path. On the CPU the same IEEE
-operations written out (multiply by 1/Δ, round half to even, add the zero point, clip, subtract it, multiply
-by Δ) run 5-10x faster than the fused CPU kernel, which is not vectorized, and give the same bits: the kernel
-computes exactly `(clip(nearbyint(x · (1/Δ)) + z, q_min, q_max) - z) · Δ` in float32.
+Eagerly on CUDA the fused kernels (`torch.fake_quantize_per_*_affine`) are the fast path. On the CPU the same
+IEEE operations written out (multiply by 1/Δ, round half to even, add the zero point, clip, subtract it,
+multiply by Δ) run 5-10x faster than the fused CPU kernel, which is not vectorized, and give the same bits: the
+kernel computes exactly `(clip(nearbyint(x · (1/Δ)) + z, q_min, q_max) - z) · Δ` in float32.
 
 Eagerly on CUDA, where triton is installed, the Triton kernels of `triton_kernels` replace both: one kernel for
 the forward (which also writes the straight-through mask) and one for the backward, with the same bits.
+
+Under torch.compile CUDA takes the written-out operations too: inductor fuses them with what surrounds the
+quantizer (the fused op would stay an external kernel, which also writes a mask), and 1/Δ is taken through
+float64 (`divide`), as inductor's Triton code divides float32 approximately.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def fake_quantize(
     if triton_kernels.applies(x) and triton_kernels.supported(x, axis):
         return triton_kernels.fake_quantize(x, triton_kernels.KernelGrid.given(delta, zero_point), axis, q_min,
                                             q_max)[0]
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" and (eager() or x.device.type != "cuda"):
         if axis is None:
             return torch.fake_quantize_per_tensor_affine(x, delta, zero_point, q_min, q_max)
         return torch.fake_quantize_per_channel_affine(x, delta, zero_point, axis, q_min, q_max)
@@ -41,8 +45,30 @@ def fake_quantize(
     # as the fused kernel does (per-channel, the C-length Δ promotes it by itself).
     work = x.float() if axis is None and x.dtype in (torch.float16, torch.bfloat16) else x
     # In place after the first product: fresh memory costs more than the arithmetic on the CPU.
-    steps = (work * torch.reciprocal(d)).round_().add_(z).clamp_(q_min, q_max).sub_(z)
+    steps = (work * reciprocal(d)).round_().add_(z).clamp_(q_min, q_max).sub_(z)
     return steps.mul_(d).to(x.dtype)
+
+
+def divide(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """a / b for float32 tensors, the IEEE quotient (round to nearest even) eagerly and under torch.compile.
+
+    Eagerly torch divides two tensors as IEEE does on every device (a CUDA tensor divided by a Python number is a
+    product with its reciprocal instead, hence `b` becomes a tensor). Inductor's Triton code divides float32 by
+    `div.full`, an approximation (up to 2 ulp) unless TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=1, and grids and
+    biases must keep the bits of the inferable quantizer: compiled, the quotient is taken in float64, which
+    Triton divides exactly, and rounded to float32. That double rounding gives the float32 IEEE quotient, since
+    float64 has more than 2·24 + 2 significand bits.
+    """
+    if not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b)
+    if torch.compiler.is_compiling() and a.device.type != "mps":  # MPS has no float64
+        return (a.double() / b.double()).to(torch.promote_types(a.dtype, b.dtype))
+    return a / b
+
+
+def reciprocal(t: torch.Tensor) -> torch.Tensor:
+    """1 / t, the IEEE quotient eagerly and under torch.compile (see `divide`)."""
+    return divide(torch.ones_like(t), t) if torch.compiler.is_compiling() else torch.reciprocal(t)
 
 
 def ste_input_grad(

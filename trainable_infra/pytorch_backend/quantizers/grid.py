@@ -27,7 +27,7 @@ from trainable_infra.common.errors import NonFiniteError, QuantizationConfigErro
 from trainable_infra.common.mct import QuantizationTarget
 from trainable_infra.common.numerics import broadcast_shape, lsq_grad_scale, lsq_num_elements_weights
 from trainable_infra.common.quant_params import SymmetricParams, UniformParams
-from trainable_infra.pytorch_backend.quantizers.fake_quant import fake_quantize
+from trainable_infra.pytorch_backend.quantizers.fake_quant import divide, fake_quantize
 from trainable_infra.pytorch_backend.quantizers.triton_kernels import (
     POWER_OF_TWO,
     SYMMETRIC,
@@ -44,7 +44,7 @@ def power_of_two(t: torch.Tensor) -> torch.Tensor:
     """The smallest power of two >= t (t > 0), exactly."""
     mantissa, _ = torch.frexp(t)
     # t = m·2^e with m in [0.5, 1): the answer is 2^e = t/m (an exact division), or t itself when m = 0.5.
-    return torch.where(mantissa == 0.5, t, t / mantissa)
+    return torch.where(mantissa == 0.5, t, divide(t, mantissa))
 
 
 def register_variable(layer: Any, name: str, value: np.ndarray, trainable: bool) -> torch.nn.Parameter:
@@ -233,7 +233,7 @@ class SymmetricGrid(_Grid):
         return power_of_two(t) if self.params.power_of_two else t
 
     def _compute_grid(self, threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        delta = (self.effective_threshold(threshold) / self.steps).detach()
+        delta = divide(self.effective_threshold(threshold), self.steps).detach()
         return delta, torch.zeros_like(delta, dtype=torch.int32)
 
     def kernel_grid(self, threshold: torch.Tensor | None = None) -> KernelGrid:
@@ -312,10 +312,8 @@ class UniformGrid(_Grid):
     def _compute_grid(self, range_min: torch.Tensor | None = None, range_max: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = self.effective_range(range_min, range_max)
-        # Divided by a tensor on the device: torch divides a CUDA tensor by a Python number as a product with its
-        # reciprocal, one ulp off the IEEE quotient that the numerics (and the CPU) compute.
-        delta = (high - low) / torch.full_like(high, float(self.q_max))
-        return delta, torch.round(-low / delta).clamp(0, self.q_max).to(torch.int32)
+        delta = divide(high - low, float(self.q_max))
+        return delta, torch.round(divide(-low, delta)).clamp(0, self.q_max).to(torch.int32)
 
     def bounds(self, delta: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The adjusted range [a', b'] = [-z·Δ, (K - z)·Δ], shaped to broadcast against the input."""

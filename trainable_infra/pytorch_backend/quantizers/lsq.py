@@ -24,7 +24,7 @@ from trainable_infra.pytorch_backend.base_quantizer import (
     BasePytorchWeightTrainableQuantizer,
 )
 from trainable_infra.pytorch_backend.quantizers import triton_kernels
-from trainable_infra.pytorch_backend.quantizers.fake_quant import eager, ste_input_grad
+from trainable_infra.pytorch_backend.quantizers.fake_quant import eager, reciprocal, ste_input_grad
 from trainable_infra.pytorch_backend.quantizers.grid import SymmetricGrid, UniformGrid
 
 _SYMMETRIC_METHODS = [QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO]
@@ -49,7 +49,7 @@ def _steps(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, q: An
     level. Every per-element term of the LSQ gradients is a product of these with the upstream gradient, so
     the backward pass is a few float kernels and dot products, no masks.
     """
-    c = (x * torch.reciprocal(delta.view(q.view))).add_(zero_point.view(q.view)).clamp_(q.q_min, q.q_max)
+    c = (x * reciprocal(delta.view(q.view))).add_(zero_point.view(q.view)).clamp_(q.q_min, q.q_max)
     return c, torch.round(c).sub_(c)
 
 
