@@ -21,7 +21,7 @@ from trainable_infra import QuantizationMethod, TrainableQuantizerWeightsConfig,
 from trainable_infra.pytorch_backend import LSQSymmetricWeightQuantizer, LSQUniformWeightQuantizer
 from trainable_infra.pytorch_backend.integer import quantize_bias
 from trainable_infra.pytorch_backend.quantizers import triton_kernels
-from trainable_infra.pytorch_backend.quantizers.fake_quant import divide, reciprocal
+from trainable_infra.pytorch_backend.quantizers.fake_quant import divide, reciprocal, ste_input_grad
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 F32 = np.float32
@@ -168,3 +168,23 @@ def test_compiled_quantizer_is_the_eager_quantizer(device, case):
     assert _same_bits(grad, eager_grad)
     for found, expected in zip(param_grads, eager_params, strict=True):
         torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last-x", "channels-last-both"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opaque_straight_through_gradient_passes_opcheck(layout, dtype):
+    """The compiled CPU STE backward's op (opaque to inductor, so that x and not two bool masks is saved): its fake
+    result has the real one's layout, and it is the eager gradient."""
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.uniform(-3, 3, (2, 4, 5, 5)).astype(F32)).to(dtype)
+    grad = torch.from_numpy(rng.normal(size=(2, 4, 5, 5)).astype(F32)).to(dtype)
+    if layout != "contiguous":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "channels-last-both":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    for low, high in ((torch.tensor(-1.5), torch.tensor(2.0)),
+                      (torch.full((1, 4, 1, 1), -1.0), torch.linspace(0.5, 2.0, 4).reshape(1, 4, 1, 1))):
+        torch.library.opcheck(torch.ops.trainable_infra.ste_input_grad.default, (grad, x, low, high))
+        found = torch.ops.trainable_infra.ste_input_grad(grad, x, low, high)
+        assert found.stride() == grad.stride()
+        assert torch.equal(found, ste_input_grad(grad, x, low, high, eager=False))
