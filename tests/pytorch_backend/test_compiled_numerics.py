@@ -70,6 +70,25 @@ def test_divide_is_the_ieee_float32_quotient_eager_and_compiled(device):
         assert _same_bits(divide(ta, 255.0), torch.from_numpy(a / F32(255)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_divide_keeps_torchs_result_dtype_and_rounding(device, dtype):
+    """Half-precision operands: torch's result dtype, its value the operands' exact quotient rounded once, and a
+    Python divisor not rounded to the operand's dtype first (65535 is Inf in float16, 511 is 512 in bfloat16)."""
+    a = torch.from_numpy(np.random.default_rng(5).uniform(-1e4, 1e4, 4096).astype(F32)).to(dtype).to(device)
+    for b in (65535.0, 511.0, 3.0):
+        expected = (a.double() / b).to(dtype)
+        for fn in (divide, _compiled(divide)):
+            found = fn(a, b)
+            assert found.dtype == dtype
+            assert _same_bits(found, expected)
+    # A 0-dim float32 divisor does not promote a half tensor (torch's rule), compiled or not.
+    b = torch.tensor(7.0, device=device)
+    for fn in (divide, _compiled(divide)):
+        assert fn(a, b).dtype == dtype
+        assert _same_bits(fn(a, b), (a.double() / 7.0).to(dtype))
+
+
 def _weights_quantizer(method: QuantizationMethod, device: str, **params: np.ndarray):
     cls = LSQUniformWeightQuantizer if method is QuantizationMethod.UNIFORM else LSQSymmetricWeightQuantizer
     shape = (next(iter(params.values())).size, 3)
@@ -188,3 +207,11 @@ def test_opaque_straight_through_gradient_passes_opcheck(layout, dtype):
         found = torch.ops.trainable_infra.ste_input_grad(grad, x, low, high)
         assert found.stride() == grad.stride()
         assert torch.equal(found, ste_input_grad(grad, x, low, high, eager=False))
+
+
+def test_compiled_straight_through_gradient_without_the_opaque_op(monkeypatch):
+    """torch < 2.4 has no torch.library.custom_op: the compiled CPU backward is then the written-out select."""
+    from trainable_infra.pytorch_backend.quantizers import fake_quant
+
+    monkeypatch.setattr(fake_quant, "_opaque_ste_input_grad", None)
+    test_compiled_quantizer_is_the_eager_quantizer("cpu", QUANTIZER_CASES[1])

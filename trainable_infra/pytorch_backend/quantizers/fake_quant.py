@@ -10,7 +10,9 @@ the forward (which also writes the straight-through mask) and one for the backwa
 
 Under torch.compile CUDA takes the written-out operations too: inductor fuses them with what surrounds the
 quantizer (the fused op would stay an external kernel, which also writes a mask), and 1/Δ is taken through
-float64 (`divide`), as inductor's Triton code divides float32 approximately.
+float64 (`divide`), as inductor's Triton code divides float32 approximately. The quantizer's values are the eager
+ones; an addition that consumes them inside the same fused CUDA kernel may become a fused multiply-add, as
+anywhere in a compiled model (inductor's Triton default; TORCHINDUCTOR_EMULATE_PRECISION_CASTS=1 turns it off).
 """
 
 from __future__ import annotations
@@ -49,21 +51,35 @@ def fake_quantize(
     return steps.mul_(d).to(x.dtype)
 
 
+def _quotient_dtype(a: torch.Tensor, b: torch.Tensor | float) -> torch.dtype:
+    """torch.result_type(a, b) for floating a and b (which dynamo cannot trace): a 0-dim tensor or a number does
+    not promote a tensor with dimensions."""
+    if not isinstance(b, torch.Tensor) or (b.dim() == 0 and a.dim() > 0):
+        return a.dtype
+    if a.dim() == 0 and b.dim() > 0:
+        return b.dtype
+    return torch.promote_types(a.dtype, b.dtype)
+
+
 def divide(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
-    """a / b for float32 tensors, the IEEE quotient (round to nearest even) eagerly and under torch.compile.
+    """a / b, the IEEE quotient (round to nearest even) in torch's result dtype, eagerly and under torch.compile on
+    the CPU and CUDA.
 
     Eagerly torch divides two tensors as IEEE does on every device (a CUDA tensor divided by a Python number is a
     product with its reciprocal instead, hence `b` becomes a tensor). Inductor's Triton code divides float32 by
     `div.full`, an approximation (up to 2 ulp) unless TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=1, and grids and
     biases must keep the bits of the inferable quantizer: compiled, the quotient is taken in float64, which
-    Triton divides exactly, and rounded to float32. That double rounding gives the float32 IEEE quotient, since
-    float64 has more than 2·24 + 2 significand bits.
+    Triton divides exactly, and rounded to the result dtype. That double rounding gives the IEEE quotient of the
+    float32 (or narrower) operands, since float64 has more than 2·24 + 2 significand bits. Other devices keep
+    their compiler's division (MPS has no float64).
     """
+    dtype = _quotient_dtype(a, b)
     if not isinstance(b, torch.Tensor):
-        b = torch.full_like(a, b)
-    if torch.compiler.is_compiling() and a.device.type != "mps":  # MPS has no float64
-        return (a.double() / b.double()).to(torch.promote_types(a.dtype, b.dtype))
-    return a / b
+        # At least float32: 65535 is Inf in float16 and 511 rounds to 512 in bfloat16.
+        b = torch.full_like(a, b, dtype=torch.promote_types(dtype, torch.float32))
+    if torch.compiler.is_compiling() and a.device.type in ("cpu", "cuda"):
+        return (a.double() / b.double()).to(dtype)
+    return (a / b).to(dtype)
 
 
 def reciprocal(t: torch.Tensor) -> torch.Tensor:
@@ -92,22 +108,27 @@ def ste_input_grad(
     return torch.where((x >= low) & (x <= high), grad, 0.0)
 
 
-# Compiled on the CPU, the straight-through gradient is this op, which inductor cannot look into: the backward
-# then needs x itself, which the ReLU before a quantizer reads too, so the forward saves x. Written out, the
-# partitioner saves the range mask and the ReLU's mask as bool tensors instead, and inductor's C++ code stores
-# bool slowly (relu + fake-quant with a bool mask: 6.5 ms for 2M elements, 0.9 ms with a float mask, 0.2 ms
-# without): `cnn7` STE compiled 1.46x-1.57x of float with them, 1.05x without.
-@torch.library.custom_op("trainable_infra::ste_input_grad", mutates_args=())
-def _opaque_ste_input_grad(grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor
-                           ) -> torch.Tensor:
+def _ste_input_grad_dense(grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+                          ) -> torch.Tensor:
     out = ste_input_grad(grad, x, low, high, eager=True)
     # The graph was built with the fake result's layout (grad's).
     return out if out.stride() == grad.stride() else torch.empty_like(grad).copy_(out)
 
 
-@_opaque_ste_input_grad.register_fake
-def _(grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(grad)
+# Compiled on the CPU, the straight-through gradient is this op, which inductor cannot look into: the backward
+# then needs x itself, which the ReLU before a quantizer reads too, so the forward saves x. Written out, the
+# partitioner saves the range mask and the ReLU's mask as bool tensors instead, and inductor's C++ code stores
+# bool slowly (relu + fake-quant with a bool mask: 6.5 ms for 2M elements, 0.9 ms with a float mask, 0.2 ms
+# without): `cnn7` STE compiled 1.46x-1.57x of float with them, 1.05x without. torch.library.custom_op is
+# torch >= 2.4; before it the compiled CPU backward keeps the written-out form.
+_opaque_ste_input_grad = None
+if hasattr(torch.library, "custom_op"):
+    _opaque_ste_input_grad = torch.library.custom_op("trainable_infra::ste_input_grad", mutates_args=())(
+        _ste_input_grad_dense)
+
+    @_opaque_ste_input_grad.register_fake
+    def _(grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(grad)
 
 
 def eager() -> bool:
@@ -142,7 +163,7 @@ class STEFakeQuantize(torch.autograd.Function):
             (mask,) = ctx.saved_tensors
             return triton_kernels.ste_backward(grad, mask), None, None, None, None, None, None, None, None
         x, low, high = ctx.saved_tensors
-        if not ctx.eager and x.device.type == "cpu":
+        if not ctx.eager and x.device.type == "cpu" and _opaque_ste_input_grad is not None:
             grad_x = _opaque_ste_input_grad(grad, x, low, high)
         else:
             grad_x = ste_input_grad(grad, x, low, high, ctx.eager)
