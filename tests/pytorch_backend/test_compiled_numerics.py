@@ -165,6 +165,23 @@ def _grid_inputs(case: Case, params: dict, rng: np.random.Generator) -> np.ndarr
 def test_compiled_quantizer_is_the_eager_quantizer(device, case):
     """Forward and input gradient bit-identical to eager (on CUDA: the fused kernels or the Triton kernels), the
     parameter gradients equal up to float32 summation order."""
+    _check_compiled_against_eager(case, device, torch.float32, torch.contiguous_format)
+
+
+ACTIVATION_CASES = [case for case in QUANTIZER_CASES if case.target == "activation"]
+VARIANTS = [(torch.bfloat16, torch.contiguous_format), (torch.float16, torch.contiguous_format),
+            (torch.float32, torch.channels_last)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("dtype", "memory_format"), VARIANTS, ids=["bfloat16", "float16", "channels-last"])
+@pytest.mark.parametrize("case", ACTIVATION_CASES, ids=[case.id for case in ACTIVATION_CASES])
+def test_compiled_activation_quantizer_in_other_dtypes_and_layouts(device, dtype, memory_format, case):
+    _check_compiled_against_eager(case, device, dtype, memory_format)
+
+
+def _check_compiled_against_eager(case: Case, device: str, dtype: torch.dtype, memory_format: torch.memory_format
+                                  ) -> None:
     quantizer, _, params = build(case, device=device)
     rng = np.random.default_rng(3)
     x_np = _grid_inputs(case, params, rng)
@@ -172,17 +189,21 @@ def test_compiled_quantizer_is_the_eager_quantizer(device, case):
     variables = [quantizer.get_quantizer_variable(name) for name in quantizer.registered_variables()]
     trained = [v for v in variables if v.requires_grad]
 
+    def tensor(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values).to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+
     def run(fn):
         for variable in trained:
             variable.grad = None
-        x = torch.from_numpy(x_np).to(device).requires_grad_()
+        x = tensor(x_np).requires_grad_()
         out = fn(x)
-        out.backward(torch.from_numpy(grad_np).to(device))
+        out.backward(tensor(grad_np))
         return out.detach(), x.grad, [variable.grad.clone() for variable in trained]
 
     eager_out, eager_grad, eager_params = run(lambda x: quantizer(x, training=True))
     compiled = _compiled(lambda x: quantizer(x, training=True))
     out, grad, param_grads = run(compiled)
+    assert out.dtype == dtype
     assert _same_bits(out, eager_out)
     assert _same_bits(grad, eager_grad)
     for found, expected in zip(param_grads, eager_params, strict=True):
