@@ -16,31 +16,21 @@ import pytest
 import torch
 from torch import nn
 
-from tests.pytorch_backend.test_quantizers import POT, SYM, UNI, Case, build, reference
+from tests.pytorch_backend.exact import assert_same_bits
+from tests.pytorch_backend.test_quantizers import DEVICES, MIN_THRESHOLD, POT, SYM, UNI, Case, build, reference
 from trainable_infra import QuantizationMethod, TrainableQuantizerWeightsConfig, TrainingMethod
 from trainable_infra.pytorch_backend import LSQSymmetricWeightQuantizer, LSQUniformWeightQuantizer
 from trainable_infra.pytorch_backend.integer import quantize_bias
 from trainable_infra.pytorch_backend.quantizers import triton_kernels
 from trainable_infra.pytorch_backend.quantizers.fake_quant import divide, reciprocal, ste_input_grad
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 F32 = np.float32
-MIN_THRESHOLD = 2.0**-16
 CHANNELS = 1 << 16
 
 
 def _compiled(fn):
     torch._dynamo.reset()
     return torch.compile(fn, fullgraph=True, dynamic=False)
-
-
-def _same_bits(found: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Equal bit for bit (NaN payloads aside: every NaN equals every NaN)."""
-    found, expected = found.cpu(), expected.cpu()
-    return found.dtype == expected.dtype and bool(
-        torch.all((found == expected) & (torch.signbit(found) == torch.signbit(expected))
-                  | (torch.isnan(found) & torch.isnan(expected)))
-    )
 
 
 def _operands(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -61,13 +51,13 @@ def test_divide_is_the_ieee_float32_quotient_eager_and_compiled(device):
     with np.errstate(all="ignore"):
         expected = torch.from_numpy(a / b)
     ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
-    assert _same_bits(divide(ta, tb), expected)
-    assert _same_bits(_compiled(divide)(ta, tb), expected)
+    assert_same_bits(divide(ta, tb).cpu(), expected, "eager")
+    assert_same_bits(_compiled(divide)(ta, tb).cpu(), expected, "compiled")
     with np.errstate(all="ignore"):
-        assert _same_bits(_compiled(reciprocal)(tb), torch.from_numpy(F32(1) / b))
+        assert_same_bits(_compiled(reciprocal)(tb).cpu(), torch.from_numpy(F32(1) / b), "compiled 1/b")
     # By a Python number: a tensor divisor (a CUDA tensor divided by a number is a product with its reciprocal).
     with np.errstate(all="ignore"):
-        assert _same_bits(divide(ta, 255.0), torch.from_numpy(a / F32(255)))
+        assert_same_bits(divide(ta, 255.0).cpu(), torch.from_numpy(a / F32(255)), "by a number")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -80,13 +70,11 @@ def test_divide_keeps_torchs_result_dtype_and_rounding(device, dtype):
         expected = (a.double() / b).to(dtype)
         for fn in (divide, _compiled(divide)):
             found = fn(a, b)
-            assert found.dtype == dtype
-            assert _same_bits(found, expected)
+            assert_same_bits(found.cpu(), expected.cpu(), f"a / {b}")
     # A 0-dim float32 divisor does not promote a half tensor (torch's rule), compiled or not.
     b = torch.tensor(7.0, device=device)
     for fn in (divide, _compiled(divide)):
-        assert fn(a, b).dtype == dtype
-        assert _same_bits(fn(a, b), (a.double() / 7.0).to(dtype))
+        assert_same_bits(fn(a, b).cpu(), (a.double() / 7.0).to(dtype).cpu(), "by a 0-dim float32 tensor")
 
 
 def _weights_quantizer(method: QuantizationMethod, device: str, **params: np.ndarray):
@@ -117,7 +105,7 @@ def test_compiled_grid_is_the_eager_grid(device, method):
         quantizer = _weights_quantizer(method, device, threshold=threshold)
     delta, zero_point = quantizer._compute_grid()
     compiled_delta, compiled_zero_point = _compiled(quantizer._compute_grid)()
-    assert _same_bits(compiled_delta, delta)
+    assert_same_bits(compiled_delta.cpu(), delta.cpu(), "step")
     assert torch.equal(compiled_zero_point.cpu(), zero_point.cpu())
     if method is QuantizationMethod.UNIFORM:
         # Zero points across the integer range (round(-a/Δ), which a one-ulp Δ moves where -a/Δ is near a tie).
@@ -137,7 +125,7 @@ def test_compiled_integer_bias_is_the_eager_one(device):
     with triton_kernels.triton_mode("off"):
         eager = quantize_bias(bias, x_step, w_step)
         compiled = _compiled(quantize_bias)(bias, x_step, w_step)
-    assert _same_bits(compiled, eager)
+    assert_same_bits(compiled.cpu(), eager.cpu(), "bias")
 
 
 # One weights (per-channel) and one activation case per training method and grid kind, 8 bits.
@@ -204,8 +192,8 @@ def _check_compiled_against_eager(case: Case, device: str, dtype: torch.dtype, m
     compiled = _compiled(lambda x: quantizer(x, training=True))
     out, grad, param_grads = run(compiled)
     assert out.dtype == dtype
-    assert _same_bits(out, eager_out)
-    assert _same_bits(grad, eager_grad)
+    assert_same_bits(out.cpu(), eager_out.cpu(), "output")
+    assert_same_bits(grad.cpu(), eager_grad.cpu(), "input gradient")
     for found, expected in zip(param_grads, eager_params, strict=True):
         torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
 

@@ -18,9 +18,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.pytorch_backend.exact import same_bits
+from tests.pytorch_backend.test_quantizers import DEVICES, MIN_THRESHOLD, POT, SYM, UNI
 from trainable_infra import (
     QATConfig,
-    QuantizationMethod,
     TrainableQuantizerActivationConfig,
     TrainableQuantizerWeightsConfig,
     TrainingMethod,
@@ -40,9 +41,6 @@ if not triton_kernels.available():
     pytest.skip("triton is not installed, or was not imported before TensorFlow (run with `pytest -p triton`)",
                 allow_module_level=True)
 
-SYM, POT, UNI = QuantizationMethod.SYMMETRIC, QuantizationMethod.POWER_OF_TWO, QuantizationMethod.UNIFORM
-MIN_THRESHOLD = 2.0**-16
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 F32 = np.float32
 
 # Thresholds around every edge of max(t, min_threshold) and of the power-of-two rounding.
@@ -88,12 +86,6 @@ def _triton(device: str) -> contextlib.AbstractContextManager[None]:
     return triton_kernels.force_interpreter() if device == "cpu" else triton_kernels.triton_mode("auto")
 
 
-def _same_bits(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    """Equal values with equal signs (+0.0 vs -0.0 differ), or NaN on both sides (a NaN's sign carries nothing)."""
-    both_nan = actual.isnan() & expected.isnan()
-    return both_nan | (torch.eq(actual, expected) & (actual.signbit() == expected.signbit()))
-
-
 def _check_grid(quantizer, device: str, what: str) -> None:
     """The kernel's Δ, its fake-quantized probe and its mask against `grid()` and the torch path, bit for bit,
     on every channel whose Δ is finite (over three blocks of the kernel per channel)."""
@@ -107,7 +99,7 @@ def _check_grid(quantizer, device: str, what: str) -> None:
         out, mask, step = triton_kernels.fake_quantize(x if axis is not None else x.reshape(-1),
                                                        quantizer.kernel_grid(), axis, quantizer.q_min,
                                                        quantizer.q_max, with_mask=True, with_step=True)
-    same = _same_bits(step.cpu(), delta.cpu())
+    same = same_bits(step.cpu(), delta.cpu())
     assert bool(same.all()), f"{what}: Δ {step.cpu()[~same].tolist()} vs {delta.cpu()[~same].tolist()}"
     out, mask = out.reshape(x.shape).cpu(), mask.reshape(x.shape).cpu()
     with triton_kernels.triton_mode("off"):
@@ -116,7 +108,7 @@ def _check_grid(quantizer, device: str, what: str) -> None:
     low, high = quantizer.bounds(delta.cpu(), zero_point.cpu())
     inside = (x.cpu() >= low.reshape(-1, 1)) & (x.cpu() <= high.reshape(-1, 1))
     for channel in torch.nonzero(finite.cpu()).flatten().tolist():
-        same = _same_bits(out[channel], expected[channel])
+        same = same_bits(out[channel], expected[channel])
         assert bool(same.all()), f"{what}, channel {channel}: {int((~same).sum())} outputs differ"
         assert torch.equal(mask[channel], inside[channel]), f"{what}, channel {channel}: mask"
 
@@ -191,7 +183,7 @@ def test_bias_kernel_matches_the_torch_rounding(device):
         with _triton(device), mock.patch.object(triton_kernels, "_launch", wraps=triton_kernels._launch) as launch:
             actual = quantize_bias(bias_t, x_step, w_step)
         assert launch.call_count == 1
-        same = _same_bits(actual.cpu(), expected)
+        same = same_bits(actual.cpu(), expected)
         assert bool(same.all()), f"{int((~same).sum())} differ: {actual.cpu()[~same]} vs {expected[~same]}"
 
 
@@ -288,8 +280,8 @@ def test_lsq_model_step_on_the_kernels_matches_the_torch_path():
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results.append((out.detach(), data.grad, grads))
     (out_off, dx_off, grads_off), (out_on, dx_on, grads_on) = results
-    assert bool(_same_bits(out_on, out_off).all())
-    assert bool(_same_bits(dx_on, dx_off).all())
+    assert bool(same_bits(out_on, out_off).all())
+    assert bool(same_bits(dx_on, dx_off).all())
     assert grads_on.keys() == grads_off.keys()
     assert any("threshold" in name for name in grads_on)
     for name, grad in grads_on.items():

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.parity import probe_inputs
+from tests.pytorch_backend.exact import assert_same_bits
 from trainable_infra import (
     QuantizationMethod,
     TrainableQuantizerActivationConfig,
@@ -146,17 +147,6 @@ def _step(quantizer, kind, x_np, grad_np, dtype, memory_format, device):
     return out.detach(), x.grad, grads
 
 
-def _assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} vs {expected.dtype}"
-    same = torch.eq(actual, expected) | (torch.isnan(actual) & torch.isnan(expected))
-    # +0.0 and -0.0 compare equal: compare signs too.
-    same &= torch.signbit(actual) == torch.signbit(expected)
-    if not bool(same.all()):
-        index = tuple(int(i) for i in torch.nonzero(~same)[0])
-        raise AssertionError(f"{what}: {int((~same).sum())} of {same.numel()} differ; first at {index}: "
-                             f"{actual[index].item()!r} vs {expected[index].item()!r}")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
@@ -182,8 +172,8 @@ def test_matches_torch_path(training, kind, dtype, memory_format, device):
     # pass over x and the parameter gradients' kernel.
     expected_launches = 1 if training is STE else 3
     assert launch.call_count == expected_launches, f"{case}: {launch.call_count} Triton launches"
-    _assert_same_bits(actual[0], expected[0], f"{case}: output")
-    _assert_same_bits(actual[1], expected[1], f"{case}: input gradient")
+    assert_same_bits(actual[0], expected[0], f"{case}: output")
+    assert_same_bits(actual[1], expected[1], f"{case}: input gradient")
     assert layout[0] == layout[1], f"{case}: layout"
     for got, want in zip(actual[2], expected[2], strict=True):
         if training is STE:
@@ -236,9 +226,9 @@ def test_ties_round_half_to_even_and_far_values_clip(device, zero_point):
     x = torch.cat([steps * delta, torch.tensor([3e38, -3e38, float("inf"), -float("inf"), 0.0, -0.0], device=device)])
     with _triton(device):
         out, mask, _ = triton_kernels.fake_quantize(x, KernelGrid.given(delta, z), None, -128, 127, with_mask=True)
-    _assert_same_bits(out, torch.fake_quantize_per_tensor_affine(x, delta, z, -128, 127), "fused op")
+    assert_same_bits(out, torch.fake_quantize_per_tensor_affine(x, delta, z, -128, 127), "fused op")
     with triton_kernels.triton_mode("off"):
-        _assert_same_bits(out, fake_quantize(x, delta, z, None, (), -128, 127), "torch path")
+        assert_same_bits(out, fake_quantize(x, delta, z, None, (), -128, 127), "torch path")
     inside = (x >= (-128 - zero_point) * delta) & (x <= (127 - zero_point) * delta)
     assert torch.equal(mask, inside)
 
@@ -278,7 +268,7 @@ def test_odd_sizes_and_layouts(shape):
             out, mask, _ = triton_kernels.fake_quantize(x, grid, axis, 0, 63, with_mask=True)
             grad_x, partials = triton_kernels.lsq_backward(x, torch.ones(()).expand(shape), grid, axis, 0, 63, True)
             sums = partials.sum(dim=2)
-        _assert_same_bits(out, expected, f"{shape}: output")
+        assert_same_bits(out, expected, f"{shape}: output")
         d, zp = delta.view(view), z.view(view)
         inside = (x >= -zp * d) & (x <= (63 - zp) * d)
         assert torch.equal(mask, inside), f"{shape}: mask"
