@@ -5,7 +5,8 @@ The forward pass is always TensorFlow's fused `fake_quant_with_min_max_vars[_per
 quantizers compute from the same parameters, so a trained quantizer's output is bit-identical to the inferable
 quantizer it converts to. LSQ keeps that forward and replaces only the gradient (`tf.custom_gradient`): it
 calls the same TensorFlow op directly, with the channels moved last as Keras does, so that the op's own gradient
-op gives the input gradient and the clipped sums in one op.
+op gives the input gradient and the clipped sums in one op. Per tensor, this package's own op (native.py) gives
+those and LSQ's rounding-error sum in one pass where it could be built.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainable_infra.common import numerics
+from trainable_infra.keras_backend import native
 
 # Thresholds below this are scaled up before the exponent is read, so denormals round to the right power.
 _SMALLEST_NORMAL = np.float32(2.0**-126)
@@ -169,8 +171,12 @@ class _FusedLSQ:
         self, dy: tf.Tensor, xf: tf.Tensor, yf: tf.Tensor, low: tf.Tensor, high: tf.Tensor
     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """(input gradient in dy's dtype and layout, Σ dy below the range, Σ dy above it, Σ dy·(Q(x) − x) inside),
-        the sums per channel or per tensor."""
+        the sums per channel or per tensor; per tensor in one op of this package where it is built (native.py)."""
         dyf = _channels_last(tf.cast(dy, tf.float32), self.axis)
+        fused = None if self.axis is not None else native.lsq_gradient(dyf, xf, yf, low, high, self.n_bits)
+        if fused is not None:
+            dx, below, above, rounding = fused
+            return tf.cast(dx, dy.dtype), below, above, rounding
         dx, below, above = self.gradient_op(dyf, xf, low, high, num_bits=self.n_bits)
         # Over every axis but the channels (last here), or over all for per-tensor.
         sum_axes = None if self.axis is None else list(range(xf.shape.rank - 1))
