@@ -11,12 +11,18 @@ training mode on tensors of 1M and 16M elements; the baseline is `torch.fake_qua
 launch. On CUDA they are counted by torch.profiler; on the CPU the Triton path runs under Triton's interpreter
 and every Triton launch and every torch op that is not a view or an allocation counts as one kernel (the kernels
 the same calls launch on CUDA; torch's fused fake-quant ops have no CPU twin there, so count `--triton off` on
-CUDA).
+CUDA). With `--compiled` it counts the kernels of the quantizer under `torch.compile` (fullgraph): on CUDA by
+torch.profiler, on the CPU in the code inductor generates for the graph CUDA compiles (the CPU-only opaque
+straight-through gradient op switched off), its fused C++ kernels and external kernel calls; Triton's code may
+split a reduction that the C++ code keeps in one loop.
+
+    python benchmarks/quantizer_kernels.py --count-kernels --compiled
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from unittest import mock
@@ -24,10 +30,11 @@ from unittest import mock
 import torch
 from kernel_cases import CHANNELS, SIZES, quantizers
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 
 from trainable_infra import TrainingMethod
 from trainable_infra.pytorch_backend import BasePytorchTrainableQuantizer
-from trainable_infra.pytorch_backend.quantizers import triton_kernels
+from trainable_infra.pytorch_backend.quantizers import fake_quant, triton_kernels
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -54,11 +61,12 @@ def main() -> None:
     parser.add_argument("--triton", choices=triton_kernels.MODES, default="auto",
                         help="the Triton path: auto (CUDA), off (torch ops), interpret (Triton's interpreter)")
     parser.add_argument("--count-kernels", action="store_true", help="count kernels per pass instead of timing")
+    parser.add_argument("--compiled", action="store_true", help="with --count-kernels: under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.count_kernels:
         with triton_kernels.triton_mode(args.triton):
-            count_kernels(args.device)
+            count_kernels(args.device, args.compiled)
         return
     where = torch.cuda.get_device_name() if args.device != "cpu" else f"CPU, {args.threads} threads"
     print(f"torch {torch.__version__}, {where}; Triton path {args.triton}; ns per element, "
@@ -114,10 +122,19 @@ def _count(fn, device: str) -> tuple[int, list[str]]:
     return len(names), names
 
 
-def count_kernels(device: str) -> None:
+def inductor_kernels(fn) -> list[list[str]]:
+    """The kernels of each graph inductor compiles while `fn` runs (forward, then backward), read from its code:
+    the fused kernels it generates and the external kernels it calls."""
+    _, codes = run_and_get_code(fn)
+    kernel = re.compile(r"\b(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)\(")
+    return [kernel.findall(code[code.index("def call("):]) for code in codes]
+
+
+def count_kernels(device: str, compiled: bool = False) -> None:
     """Print the kernels of one training forward and one backward of each quantizer kind."""
     mode = triton_kernels.mode()
-    print(f"torch {torch.__version__}, {device}, Triton path {mode}: kernels per pass (forward / backward)")
+    path = "torch.compile" if compiled else f"Triton path {mode}"
+    print(f"torch {torch.__version__}, {device}, {path}: kernels per pass (forward / backward)")
     x0 = torch.randn(CHANNELS, 64, device=device) * 2
     grad = torch.randn_like(x0)
     for method in TrainingMethod:
@@ -126,13 +143,24 @@ def count_kernels(device: str) -> None:
             quantizer.initialize_quantization(tuple(x0.shape) if is_weight else None, "t", layer)
             layer.to(device)
             x = x0.clone().requires_grad_()
-            quantizer(x, True).backward(grad)  # warm up (compile the kernels)
-            x.grad = None
-            for parameter in layer.parameters():
-                parameter.grad = None  # counted: the gradients' kernels, not their accumulation into .grad
-            holder = {}
-            forward, forward_names = _count(lambda q=quantizer, x=x, h=holder: h.update(out=q(x, True)), device)
-            backward, backward_names = _count(lambda h=holder: h["out"].backward(grad), device)
+            call = quantizer
+            if compiled:
+                torch._dynamo.reset()
+                call = torch.compile(lambda x, training, q=quantizer: q(x, training), fullgraph=True)
+            if compiled and device == "cpu":
+                # The graph CUDA compiles: without the CPU's opaque straight-through gradient op.
+                with mock.patch.object(fake_quant, "_opaque_ste_input_grad", None):
+                    graphs = inductor_kernels(lambda c=call, x=x: c(x, True).backward(grad))
+                forward_names, backward_names = graphs if len(graphs) == 2 else (graphs[0], [])
+                forward, backward = len(forward_names), len(backward_names)
+            else:
+                call(x, True).backward(grad)  # warm up (compile the kernels)
+                x.grad = None
+                for parameter in layer.parameters():
+                    parameter.grad = None  # counted: the gradients' kernels, not their accumulation into .grad
+                holder = {}
+                forward, forward_names = _count(lambda c=call, x=x, h=holder: h.update(out=c(x, True)), device)
+                backward, backward_names = _count(lambda h=holder: h["out"].backward(grad), device)
             print(f"{method.name + ' ' + kind:44s} {forward:3d} / {backward:3d}   fwd: {', '.join(forward_names)}"
                   f" | bwd: {', '.join(backward_names)}")
 
