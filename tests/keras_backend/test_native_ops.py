@@ -21,17 +21,24 @@ from trainable_infra.keras_backend import LSQSymmetricActivationQuantizer, LSQUn
 f32 = np.float32
 BLOCK, VECTORS, WIDTH = 4096, 4, 4  # kernels/lsq_gradient.cc: elements per block, accumulators of four floats
 
-pytestmark = pytest.mark.skipif(native.ops() is None, reason="the op could not be built here (see the warning)")
+@pytest.fixture(autouse=True, scope="module")
+def _built():
+    """Builds the op on first use (a few seconds, once per cache), skipping where it cannot be built."""
+    if native.ops() is None:
+        pytest.skip("the op could not be built here (see the warning)")
 
 
-def op(dy, x, y, low, high, n_bits):
-    return native.ops().trainable_infra_fake_quant_lsq_gradient(dy, x, y, f32(low), f32(high), num_bits=n_bits)
+def op(dy, x, y, low, high, n_bits, narrow_range=False):
+    return native.ops().trainable_infra_fake_quant_lsq_gradient(
+        dy, x, y, f32(low), f32(high), num_bits=n_bits, narrow_range=narrow_range
+    )
 
 
-def tensorflow_ops(dy, x, y, low, high, n_bits):
+def tensorflow_ops(dy, x, y, low, high, n_bits, narrow_range=False):
     """The TensorFlow-ops path of fake_quant._FusedLSQ.sums, per tensor."""
-    dx, below, above = tf.quantization.fake_quant_with_min_max_vars_gradient(dy, x, f32(low), f32(high),
-                                                                              num_bits=n_bits)
+    dx, below, above = tf.quantization.fake_quant_with_min_max_vars_gradient(
+        dy, x, f32(low), f32(high), num_bits=n_bits, narrow_range=narrow_range
+    )
     rounding = tf.reduce_sum(tf.math.multiply_no_nan(y - x, dx))
     rounding = tf.where(tf.math.is_nan(tf.reduce_max(x)), f32(np.nan), rounding)
     return dx, below, above, rounding
@@ -76,29 +83,34 @@ RANGES = {
 }
 
 
-def nudged_range(low: float, high: float, n_bits: int) -> tuple[f32, f32]:
+def nudged_range(low: float, high: float, n_bits: int, narrow_range: bool = False) -> tuple[f32, f32]:
     """TensorFlow's Nudge (fake_quant_ops_functor.h) in float32: the range the gradient op clips at."""
-    levels = f32(2**n_bits - 1)
-    scale = (f32(high) - f32(low)) / levels
-    zero = f32(0) - f32(low) / scale
-    zero_point = f32(np.clip(np.sign(zero) * np.floor(np.abs(zero) + 0.5), 0, levels))  # std::round: half away
-    return (f32(0) - zero_point) * scale, (levels - zero_point) * scale
+    quant_min, quant_max = f32(int(narrow_range)), f32(2**n_bits - 1)
+    scale = (f32(high) - f32(low)) / (quant_max - quant_min)
+    zero = quant_min - f32(low) / scale
+    zero_point = f32(np.clip(np.sign(zero) * np.floor(np.abs(zero) + 0.5), quant_min, quant_max))  # half away
+    return (quant_min - zero_point) * scale, (quant_max - zero_point) * scale
 
 
-@pytest.mark.parametrize("size", [1, 15, 16, 17, 4096, 4097, 3 * 4096 + 21])
-@pytest.mark.parametrize("n_bits", [2, 8, 16])
-@pytest.mark.parametrize("kind", sorted(RANGES))
-def test_matches_the_gradient_op_and_a_fixed_summation_order(size, n_bits, kind):
-    rng = np.random.default_rng([size, n_bits, len(kind)])
+CASES = [(size, n_bits, kind, False) for size in [1, 15, 16, 17, 4096, 4097, 3 * 4096 + 21] for n_bits in [2, 8, 16]
+         for kind in sorted(RANGES)]
+CASES += [(size, n_bits, kind, True) for size in [17, 4097] for n_bits in [2, 8] for kind in sorted(RANGES)]
+
+
+@pytest.mark.parametrize(("size", "n_bits", "kind", "narrow_range"), CASES)
+def test_matches_the_gradient_op_and_a_fixed_summation_order(size, n_bits, kind, narrow_range):
+    rng = np.random.default_rng([size, n_bits, sorted(RANGES).index(kind), narrow_range])
     low, high = RANGES[kind](n_bits)
     x = grid_inputs(rng, size, low, high, n_bits)
     dy = rng.normal(size=size).astype(f32)
-    y = tf.quantization.fake_quant_with_min_max_vars(x, f32(low), f32(high), num_bits=n_bits).numpy()
-    dx, below, above, rounding = (t.numpy() for t in op(dy, x, y, low, high, n_bits))
-    want = [t.numpy() for t in tensorflow_ops(dy, x, y, low, high, n_bits)]
+    y = tf.quantization.fake_quant_with_min_max_vars(
+        x, f32(low), f32(high), num_bits=n_bits, narrow_range=narrow_range
+    ).numpy()
+    dx, below, above, rounding = (t.numpy() for t in op(dy, x, y, low, high, n_bits, narrow_range))
+    want = [t.numpy() for t in tensorflow_ops(dy, x, y, low, high, n_bits, narrow_range)]
 
     np.testing.assert_array_equal(dx.view(np.int32), want[0].view(np.int32))
-    nudged_low, nudged_high = nudged_range(low, high, n_bits)
+    nudged_low, nudged_high = nudged_range(low, high, n_bits, narrow_range)
     np.testing.assert_array_equal(dx, dy * ((x >= nudged_low) & (x <= nudged_high)))  # the range emulated right
     errors = np.where(dx == 0, f32(0), (y - x) * dx)
     assert below == fixed_order_sum(dy * (x < nudged_low))
@@ -144,10 +156,14 @@ def test_non_finite_values_as_the_tensorflow_ops(special, size):
         assert np.isnan(g) or np.isclose(g, w, rtol=1e-5, atol=1e-5), f"{name}: {g} vs {w}"
 
 
-def test_a_zero_range_passes_everything_through_as_the_gradient_op():
+@pytest.mark.parametrize("nan_inputs", [False, True])
+def test_a_zero_range_passes_everything_through_as_the_gradient_op(nan_inputs):
     rng = np.random.default_rng(1)
     x = rng.normal(size=100).astype(f32)
     dy = rng.normal(size=100).astype(f32)
+    if nan_inputs:  # in the vectorized part and in the tail: dx is still dy there
+        x[[3, 50, 98]] = np.nan
+        x[[4, 99]] = np.inf
     y = np.zeros_like(x)
     got = [t.numpy() for t in op(dy, x, y, 0.0, 0.0, 8)]
     want = [t.numpy() for t in tensorflow_ops(dy, x, y, 0.0, 0.0, 8)]
@@ -155,7 +171,11 @@ def test_a_zero_range_passes_everything_through_as_the_gradient_op():
     assert same_bits(want[0], dy)
     assert got[1] == want[1] == 0
     assert got[2] == want[2] == 0
-    assert got[3] == pytest.approx(float(want[3]), rel=1e-6)
+    if nan_inputs:
+        assert np.isnan(got[3])
+        assert np.isnan(want[3])
+    else:
+        assert got[3] == pytest.approx(float(want[3]), rel=1e-6)
 
 
 def test_empty_and_shaped_tensors():
@@ -233,22 +253,29 @@ def test_quantizers_give_the_same_gradients_with_and_without_the_op(kind, monkey
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
-def test_xla_compiled_gradients_use_the_tensorflow_ops():
-    quantizer = activation_quantizer("symmetric")
+@pytest.mark.parametrize("compiled", ["forward and gradient", "forward only"])
+def test_xla_compiled_gradients_use_the_tensorflow_ops(compiled):
+    """Under XLA (no kernel for the op there) the quantizer keeps TensorFlow's ops, also where only the forward
+    is compiled and the gradient taken outside: XLA compiles that backward too."""
     import keras
 
+    quantizer = activation_quantizer("symmetric")
     layer = keras.layers.Layer()
     quantizer.initialize_quantization((4, 8), "act", layer)
     x = tf.constant(np.linspace(-3, 3, 32, dtype=f32).reshape(4, 8))
+    forward = tf.function(lambda x: quantizer(x, training=True), jit_compile=compiled == "forward only")
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=compiled == "forward and gradient")
     def grads(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = quantizer(x, training=True)
+            y = forward(x)
         return tape.gradient(y, [x, *layer.trainable_weights])
 
-    assert all(np.isfinite(g.numpy()).all() for g in grads(x))
+    expected = quantizer_gradients("symmetric", x.numpy(), np.ones((4, 8), f32))
+    got = [g.numpy() for g in grads(x)]
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1][0], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,27 +311,55 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     assert native.ops() is not None
 
 
-def test_a_built_library_is_reused_without_the_compiler(monkeypatch):
-    cxx = native.compiler()
-    path = native.build(cxx)
-
-    def no_compiler(*args, **kwargs):
-        raise AssertionError(f"compiler called: {args}")
-
-    monkeypatch.setattr(subprocess, "run", no_compiler)
-    assert native.build(cxx) == path
-    # The cache key changes with the compiler, so another one builds its own library.
-    assert native.library_path(cxx + "-other") != path
+def logging_compiler(directory, log):
+    """A C++ compiler command that appends a line to `log` per call and runs the real one."""
+    wrapper = directory / "logging-c++"
+    wrapper.write_text(f"#!/bin/sh\necho called >> '{log}'\nexec {native.compiler()} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
 
 
-def test_a_fresh_cache_builds_once(tmp_path):
-    """Two processes on an empty cache: both load the op, one library is built."""
-    env = {**os.environ, native.CACHE_ENV: str(tmp_path)}
+def test_a_fresh_cache_builds_once_and_is_then_reused(tmp_path, monkeypatch):
+    """Two processes on an empty cache: both load the op, one of them compiles (the lock), the library is
+    readable by others; later loads do not run the compiler."""
+    log = tmp_path / "calls.log"
+    cxx = logging_compiler(tmp_path, log)
+    cache = tmp_path / "cache"
+    env = {**os.environ, native.CACHE_ENV: str(cache), "CXX": cxx}
     code = ("import trainable_infra; from trainable_infra.keras_backend import native; "
             "assert native.ops() is not None; print(native.library_path(native.compiler()))")
     runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]
     assert all(run.returncode == 0 for run in runs), outputs
-    assert len({out.strip() for out, _ in outputs}) == 1
-    assert [p.name for p in tmp_path.glob("*.so")] == [os.path.basename(outputs[0][0].strip())]
+    paths = {out.strip() for out, _ in outputs}
+    assert len(paths) == 1
+    assert [p.name for p in cache.glob("*.so")] == [os.path.basename(paths.pop())]
+    builds = [line for line in log.read_text().splitlines() if line == "called"]
+    # One build; the compiler's --version (part of the cache key) is asked once per process.
+    assert len(builds) == 3, builds
+    library = next(cache.glob("*.so"))
+    assert library.stat().st_mode & 0o755 == 0o755
+
+    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    monkeypatch.setenv("CXX", cxx)
+
+    def no_compiler(command, *args, **kwargs):
+        if "--version" not in command:
+            raise AssertionError(f"compiler called: {command}")
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    assert native.build(cxx) == library
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert native.build(cxx) == library
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "explicit"))
+    assert native.cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv(native.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native.cache_dir() == tmp_path / "xdg" / "trainable_infra"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(native.Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert native.cache_dir().parent == native.Path(native.tempfile.gettempdir())

@@ -168,12 +168,12 @@ class _FusedLSQ:
         return tf.cast(_channels_last(yf, self.axis), x.dtype), xf, yf
 
     def sums(
-        self, dy: tf.Tensor, xf: tf.Tensor, yf: tf.Tensor, low: tf.Tensor, high: tf.Tensor
+        self, dy: tf.Tensor, xf: tf.Tensor, yf: tf.Tensor, low: tf.Tensor, high: tf.Tensor, native_op: bool
     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """(input gradient in dy's dtype and layout, Σ dy below the range, Σ dy above it, Σ dy·(Q(x) − x) inside),
-        the sums per channel or per tensor; per tensor in one op of this package where it is built (native.py)."""
+        the sums per channel or per tensor; per tensor in one op of this package where `native_op` (native.py)."""
         dyf = _channels_last(tf.cast(dy, tf.float32), self.axis)
-        fused = None if self.axis is not None else native.lsq_gradient(dyf, xf, yf, low, high, self.n_bits)
+        fused = native.lsq_gradient(dyf, xf, yf, low, high, self.n_bits) if native_op and self.axis is None else None
         if fused is not None:
             dx, below, above, rounding = fused
             return tf.cast(dx, dy.dtype), below, above, rounding
@@ -213,9 +213,12 @@ def lsq_symmetric(
         t = effective_threshold(threshold, min_threshold, power_of_two)
         low, high = symmetric_range(t, n_bits, signed)
         y, xf, yf = fused.forward(x, low, high)
+        # Decided with the forward pass too: a forward compiled by XLA has its backward compiled by XLA, even where
+        # the gradient is traced outside the compiled function.
+        native_op = not native.compiled_by_xla()
 
         def grad(dy):
-            dx, below, above, rounding = fused.sums(dy, xf, yf, low, high)
+            dx, below, above, rounding = fused.sums(dy, xf, yf, low, high, native_op)
             # ∂Q/∂Δ is q_min below the range, q_max above it and round(u) − u inside; Δ = t·step.
             d_delta = float(q_min) * below + float(q_max) * above + rounding / (t * step)
             g = _activation_grad_scale(x, q_max) if grad_scale is None else grad_scale
@@ -245,9 +248,12 @@ def lsq_uniform(
     def quantize(x, range_min, range_max):
         low, high = uniform_range(*effective_range(range_min, range_max, min_threshold), n_bits)
         y, xf, yf = fused.forward(x, low, high)
+        # Decided with the forward pass too: a forward compiled by XLA has its backward compiled by XLA, even where
+        # the gradient is traced outside the compiled function.
+        native_op = not native.compiled_by_xla()
 
         def grad(dy):
-            dx, below, above, rounding = fused.sums(dy, xf, yf, low, high)
+            dx, below, above, rounding = fused.sums(dy, xf, yf, low, high, native_op)
             # Σ dy·(round(u) − u)/levels inside: the range is levels·Δ wide.
             error = rounding / (high - low)
             g = _activation_grad_scale(x, levels) if grad_scale is None else grad_scale

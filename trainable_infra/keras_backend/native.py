@@ -6,8 +6,9 @@ does the gradient op's work and the sums in one pass. It is built with the C++ c
 TensorFlow's headers (`tf.sysconfig`) the first time an LSQ quantizer computes a gradient, and cached per
 TensorFlow build and source (`$TRAINABLE_INFRA_CACHE_DIR`, else `$XDG_CACHE_HOME/trainable_infra` or
 `~/.cache/trainable_infra`). Where it cannot be built (no compiler, no headers) the quantizers keep TensorFlow's
-ops, with one warning; `TRAINABLE_INFRA_NATIVE_OPS=0` turns the op off. Both give the same input gradient bit
-for bit and the same parameter gradients up to the order of float summation.
+ops, with one warning; `TRAINABLE_INFRA_NATIVE_OPS=0` turns the op off; so do a GPU (the op has a CPU kernel
+only) and XLA (no kernel there). Both paths give the same input gradient bit for bit and the same parameter
+gradients up to the order of float summation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,31 +45,46 @@ def cache_dir() -> Path:
     """Where compiled ops are kept."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "trainable_infra"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "trainable_infra"
+    try:
+        return Path.home() / ".cache" / "trainable_infra"
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers)
+        return Path(tempfile.gettempdir()) / f"trainable_infra-{os.getuid()}"
 
 
 def compiler() -> str | None:
-    """The C++ compiler to build with: `$CXX`, else `c++` or `g++` on the PATH."""
+    """The C++ compiler to build with: `$CXX` (a command line, e.g. "ccache g++"), else `c++` or `g++`."""
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
 def build_command(cxx: str, output: Path) -> list[str]:
     """The compiler command that builds the op library at `output` against the installed TensorFlow."""
-    return [cxx, *_FLAGS, str(SOURCE), "-o", str(output), *tf.sysconfig.get_compile_flags(),
+    return [*shlex.split(cxx), *_FLAGS, str(SOURCE), "-o", str(output), *tf.sysconfig.get_compile_flags(),
             *tf.sysconfig.get_link_flags()]
+
+
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    try:
+        result = subprocess.run([*shlex.split(cxx), "--version"], capture_output=True, text=True, check=False)
+    except OSError:
+        return ""
+    return result.stdout
 
 
 def library_path(cxx: str) -> Path:
     """The cached library for this source, TensorFlow build, compiler and machine."""
     key = "\n".join([SOURCE.read_text(), tf.version.VERSION, tf.version.GIT_VERSION, *build_command(cxx, Path()),
-                     platform.machine(), sys.platform])
+                     _compiler_version(cxx), platform.machine(), sys.platform])
     return cache_dir() / f"lsq_gradient-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def build(cxx: str) -> Path:
     """The op library, compiled into the cache unless it is there already (one process builds at a time)."""
     path = library_path(cxx)
+    if path.exists():  # it only ever appears whole (renamed into place): no lock needed, a read-only cache works
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         with contextlib.suppress(ImportError):  # no fcntl (Windows): concurrent builds rename over each other
@@ -85,6 +102,7 @@ def build(cxx: str) -> Path:
                 raise NativeOpBuildError(
                     f"{cxx} exited with {result.returncode}: {(result.stderr or result.stdout).strip()[-2000:]}"
                 )
+            os.chmod(partial, 0o755)  # mkstemp made it private: others sharing the cache must be able to load it
             os.replace(partial, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -115,7 +133,7 @@ def ops() -> ModuleType | None:
         return None
 
 
-def _in_xla_context() -> bool:
+def compiled_by_xla() -> bool:
     """Whether the graph being traced is compiled by XLA, which has no kernel for the op."""
     try:
         from tensorflow.python.framework import ops as tf_ops
@@ -125,12 +143,16 @@ def _in_xla_context() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()))
 
 
+def usable() -> bool:
+    """Whether the op can run in the function being traced (built, and not compiled by XLA)."""
+    return not compiled_by_xla() and ops() is not None
+
+
 def lsq_gradient(
     dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, low: tf.Tensor, high: tf.Tensor, n_bits: int
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor] | None:
     """(input gradient, Σ dy below the range, Σ dy above it, Σ dx·(y − x)) of per-tensor float32 tensors in one
-    op, NaN for the last where x holds a NaN; None where the op is not available (use TensorFlow's ops)."""
-    library = ops()
-    if library is None or _in_xla_context():
+    op, NaN for the last where x holds a NaN; None where the op cannot run here (use TensorFlow's ops)."""
+    if not usable():
         return None
-    return library.trainable_infra_fake_quant_lsq_gradient(dy, x, y, low, high, num_bits=n_bits)
+    return ops().trainable_infra_fake_quant_lsq_gradient(dy, x, y, low, high, num_bits=n_bits)

@@ -96,6 +96,8 @@ struct BlockSums {
 };
 
 // The gradient op's input gradient for one block, and the block's sums. dx may be dy's buffer (forwarded).
+// kPassesAll: min == max == 0, where the gradient op copies dy to dx (also where x is NaN).
+template <bool kPassesAll>
 BlockSums SumBlock(const float* dy, const float* x, const float* y, float* dx, int64_t size, float nudged_min,
                    float nudged_max) {
   Floats below[kVectors] = {}, above[kVectors] = {}, rounding[kVectors] = {};
@@ -108,7 +110,7 @@ BlockSums SumBlock(const float* dy, const float* x, const float* y, float* dx, i
       const int64_t at = i + k * kWidth;
       const Floats xs = Load(x + at);
       const Floats gs = Load(dy + at);
-      const Floats d = gs * OneWhere((xs >= low) & (xs <= high));
+      const Floats d = kPassesAll ? gs : gs * OneWhere((xs >= low) & (xs <= high));
       Store(dx + at, d);
       below[k] += gs * OneWhere(xs < low);
       above[k] += gs * OneWhere(xs > high);
@@ -121,7 +123,7 @@ BlockSums SumBlock(const float* dy, const float* x, const float* y, float* dx, i
   for (; i < size; ++i) {
     const float xi = x[i];
     const float gi = dy[i];
-    const float d = gi * ((xi >= nudged_min && xi <= nudged_max) ? 1.0f : 0.0f);
+    const float d = kPassesAll ? gi : gi * ((xi >= nudged_min && xi <= nudged_max) ? 1.0f : 0.0f);
     dx[i] = d;
     tail_below += gi * (xi < nudged_min ? 1.0f : 0.0f);
     tail_above += gi * (xi > nudged_max ? 1.0f : 0.0f);
@@ -178,7 +180,7 @@ class FakeQuantLsqGradientOp : public OpKernel {
     const float* y = outputs.flat<float>().data();
     float* dx = backprops->flat<float>().data();
 
-    // The gradient op passes everything through for min == max == 0; its range is then all of float.
+    // The gradient op passes everything through for min == max == 0 (no range: nothing below or above it).
     float nudged_min = -std::numeric_limits<float>::infinity();
     float nudged_max = std::numeric_limits<float>::infinity();
     const bool passes_all = min == 0.0f && max == 0.0f;
@@ -192,8 +194,10 @@ class FakeQuantLsqGradientOp : public OpKernel {
     auto work = [&](int64_t first, int64_t last) {
       for (int64_t block = first; block < last; ++block) {
         const int64_t begin = block * kBlock;
-        sums[block] = SumBlock(dy + begin, x + begin, y + begin, dx + begin, std::min(kBlock, n - begin),
-                               nudged_min, nudged_max);
+        const int64_t size = std::min(kBlock, n - begin);
+        sums[block] = passes_all
+                          ? SumBlock<true>(dy + begin, x + begin, y + begin, dx + begin, size, nudged_min, nudged_max)
+                          : SumBlock<false>(dy + begin, x + begin, y + begin, dx + begin, size, nudged_min, nudged_max);
       }
     };
     auto* threads = context->device()->tensorflow_cpu_worker_threads();
