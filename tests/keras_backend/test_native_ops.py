@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -216,8 +217,6 @@ def activation_quantizer(kind: str):
 
 def quantizer_gradients(kind: str, x: np.ndarray, dy: np.ndarray):
     """(input gradient, parameter gradients, op types of the traced backward) of a fresh quantizer."""
-    import keras
-
     layer = keras.layers.Layer()
     quantizer = activation_quantizer(kind)
     quantizer.initialize_quantization(x.shape, "act", layer)
@@ -257,8 +256,6 @@ def test_quantizers_give_the_same_gradients_with_and_without_the_op(kind, monkey
 def test_xla_compiled_gradients_use_the_tensorflow_ops(compiled):
     """Under XLA (no kernel for the op there) the quantizer keeps TensorFlow's ops, also where only the forward
     is compiled and the gradient taken outside: XLA compiles that backward too."""
-    import keras
-
     quantizer = activation_quantizer("symmetric")
     layer = keras.layers.Layer()
     quantizer.initialize_quantization((4, 8), "act", layer)

@@ -161,19 +161,24 @@ class _FusedLSQ:
             if per_channel else tf.quantization.fake_quant_with_min_max_vars_gradient
         )
 
-    def forward(self, x: tf.Tensor, low: tf.Tensor, high: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """(Q(x) in x's dtype and layout, x and Q(x) as float32 with the channels last): what `sums` needs."""
+    def forward(self, x: tf.Tensor, low: tf.Tensor, high: tf.Tensor) -> tuple[tf.Tensor, tuple]:
+        """(Q(x) in x's dtype and layout, what `sums` needs of this call: x and Q(x) as float32 with the channels
+        last, and whether the backward may run this package's op)."""
         xf = _channels_last(tf.cast(x, tf.float32), self.axis)
         yf = self.forward_op(xf, low, high, num_bits=self.n_bits)
-        return tf.cast(_channels_last(yf, self.axis), x.dtype), xf, yf
+        # Per tensor only; and decided with the forward pass too, since a forward compiled by XLA has its backward
+        # compiled by XLA, even where the gradient is traced outside the compiled function.
+        native_op = self.axis is None and not native.compiled_by_xla()
+        return tf.cast(_channels_last(yf, self.axis), x.dtype), (xf, yf, native_op)
 
     def sums(
-        self, dy: tf.Tensor, xf: tf.Tensor, yf: tf.Tensor, low: tf.Tensor, high: tf.Tensor, native_op: bool
+        self, dy: tf.Tensor, saved: tuple, low: tf.Tensor, high: tf.Tensor
     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """(input gradient in dy's dtype and layout, Σ dy below the range, Σ dy above it, Σ dy·(Q(x) − x) inside),
-        the sums per channel or per tensor; per tensor in one op of this package where `native_op` (native.py)."""
+        the sums per channel or per tensor; per tensor in one op of this package where it can run (native.py)."""
+        xf, yf, native_op = saved
         dyf = _channels_last(tf.cast(dy, tf.float32), self.axis)
-        fused = native.lsq_gradient(dyf, xf, yf, low, high, self.n_bits) if native_op and self.axis is None else None
+        fused = native.lsq_gradient(dyf, xf, yf, low, high, self.n_bits) if native_op else None
         if fused is not None:
             dx, below, above, rounding = fused
             return tf.cast(dx, dy.dtype), below, above, rounding
@@ -212,13 +217,10 @@ def lsq_symmetric(
     def quantize(x, threshold):
         t = effective_threshold(threshold, min_threshold, power_of_two)
         low, high = symmetric_range(t, n_bits, signed)
-        y, xf, yf = fused.forward(x, low, high)
-        # Decided with the forward pass too: a forward compiled by XLA has its backward compiled by XLA, even where
-        # the gradient is traced outside the compiled function.
-        native_op = not native.compiled_by_xla()
+        y, saved = fused.forward(x, low, high)
 
         def grad(dy):
-            dx, below, above, rounding = fused.sums(dy, xf, yf, low, high, native_op)
+            dx, below, above, rounding = fused.sums(dy, saved, low, high)
             # ∂Q/∂Δ is q_min below the range, q_max above it and round(u) − u inside; Δ = t·step.
             d_delta = float(q_min) * below + float(q_max) * above + rounding / (t * step)
             g = _activation_grad_scale(x, q_max) if grad_scale is None else grad_scale
@@ -247,13 +249,10 @@ def lsq_uniform(
     @tf.custom_gradient
     def quantize(x, range_min, range_max):
         low, high = uniform_range(*effective_range(range_min, range_max, min_threshold), n_bits)
-        y, xf, yf = fused.forward(x, low, high)
-        # Decided with the forward pass too: a forward compiled by XLA has its backward compiled by XLA, even where
-        # the gradient is traced outside the compiled function.
-        native_op = not native.compiled_by_xla()
+        y, saved = fused.forward(x, low, high)
 
         def grad(dy):
-            dx, below, above, rounding = fused.sums(dy, xf, yf, low, high, native_op)
+            dx, below, above, rounding = fused.sums(dy, saved, low, high)
             # Σ dy·(round(u) − u)/levels inside: the range is levels·Δ wide.
             error = rounding / (high - low)
             g = _activation_grad_scale(x, levels) if grad_scale is None else grad_scale

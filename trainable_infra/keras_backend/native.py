@@ -33,8 +33,7 @@ SOURCE = Path(__file__).with_name("kernels") / "lsq_gradient.cc"
 DISABLE_ENV = "TRAINABLE_INFRA_NATIVE_OPS"
 CACHE_ENV = "TRAINABLE_INFRA_CACHE_DIR"
 # -ffp-contract=off: no fused multiply-add where the gradient op rounds a product (GCC contracts by default).
-# -fno-trapping-math lets the comparisons vectorize; nothing here reads floating-point exception flags.
-_FLAGS = ("-shared", "-fPIC", "-O3", "-ffp-contract=off", "-fno-trapping-math")
+_FLAGS = ("-shared", "-fPIC", "-O3", "-ffp-contract=off")
 
 
 class NativeOpBuildError(RuntimeError):
@@ -126,7 +125,8 @@ def ops() -> ModuleType | None:
     except (NativeOpBuildError, OSError, tf.errors.OpError) as exc:
         warnings.warn(
             f"trainable_infra: LSQ's fused gradient op could not be built, so LSQ quantizers use TensorFlow's ops "
-            f"(same results, a slower backward pass; {DISABLE_ENV}=0 silences this): {exc}",
+            f"(the same gradients up to the order of float summation, a slower backward pass; {DISABLE_ENV}=0 "
+            f"silences this): {exc}",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -143,16 +143,12 @@ def compiled_by_xla() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()))
 
 
-def usable() -> bool:
-    """Whether the op can run in the function being traced (built, and not compiled by XLA)."""
-    return not compiled_by_xla() and ops() is not None
-
-
 def lsq_gradient(
     dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, low: tf.Tensor, high: tf.Tensor, n_bits: int
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor] | None:
     """(input gradient, Σ dy below the range, Σ dy above it, Σ dx·(y − x)) of per-tensor float32 tensors in one
     op, NaN for the last where x holds a NaN; None where the op cannot run here (use TensorFlow's ops)."""
-    if not usable():
+    library = None if compiled_by_xla() else ops()
+    if library is None:
         return None
-    return ops().trainable_infra_fake_quant_lsq_gradient(dy, x, y, low, high, num_bits=n_bits)
+    return library.trainable_infra_fake_quant_lsq_gradient(dy, x, y, low, high, num_bits=n_bits)
